@@ -1,0 +1,34 @@
+"""Pick the capacity store named by `StoreConfig.url`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+from balancer.capacity.base import CapacityStore
+from balancer.capacity.memory import MemoryStore
+from balancer.config import StoreConfig
+
+REDIS_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster")
+
+
+def create_store(
+    config: StoreConfig,
+    *,
+    on_round_trip: Callable[[str], None] | None = None,
+    on_degraded: Callable[[bool], None] | None = None,
+) -> CapacityStore:
+    """`memory://` -> MemoryStore; `redis://`, `rediss://` -> Redis, and
+    `redis+cluster://`, `rediss+cluster://` (or `cluster: true`) -> Redis Cluster, both
+    wrapped in a ResilientStore (call its `start()` once the event loop runs)."""
+    scheme = urlsplit(config.url).scheme
+    if scheme == "memory":
+        return MemoryStore()
+    if scheme not in REDIS_SCHEMES:
+        raise ValueError(f"unsupported store URL scheme {scheme!r}")
+    # Imported here so the memory store does not need redis-py loaded.
+    from balancer.capacity.redis import RedisStore
+    from balancer.capacity.resilient import ResilientStore
+
+    shared = RedisStore.from_config(config, on_round_trip=on_round_trip)
+    return ResilientStore(shared, on_degraded=on_degraded)

@@ -1,0 +1,166 @@
+-- Shared prelude, prepended to acquire.lua, region.lua and snapshot.lua when they are
+-- registered. The first half is a line-by-line port of balancer/policy.py: Lua numbers
+-- are IEEE doubles like Python floats, and every expression below keeps the operand
+-- order of the Python original, so both backends round identically and make the same
+-- choice for the same random number r. Change the two together.
+
+local INF = math.huge
+
+local function refill(level, elapsed, rate, capacity)
+  if elapsed > 0 then
+    level = level + elapsed * rate
+  end
+  return math.min(level, capacity)
+end
+
+local function need(cost, capacity)
+  return math.min(cost, capacity)
+end
+
+local function admissible(level, cost, lim)
+  return level.cooldown <= 0
+    and level.tokens >= need(cost, lim.tokens_capacity)
+    and level.requests >= need(1, lim.requests_capacity)
+end
+
+local function wait_seconds(level, cost, lim)
+  local wait = math.max(level.cooldown, 0.0)
+  local short = need(cost, lim.tokens_capacity) - level.tokens
+  if short > 0 then
+    local w = INF
+    if lim.tokens_rate > 0 then w = short / lim.tokens_rate end
+    wait = math.max(wait, w)
+  end
+  short = need(1, lim.requests_capacity) - level.requests
+  if short > 0 then
+    local w = INF
+    if lim.requests_rate > 0 then w = short / lim.requests_rate end
+    wait = math.max(wait, w)
+  end
+  return wait
+end
+
+local function weight(level, lim)
+  return (math.max(level.tokens, 0.0) + 1.0) * lim.weight
+end
+
+-- 1-based index picked with probability proportional to its weight, -1 if none.
+-- The total is a plain left-to-right sum, as Python 3.11's sum() of floats.
+local function choose(weights, n, r)
+  local total = 0
+  for i = 1, n do
+    if weights[i] > 0 then total = total + weights[i] end
+  end
+  if total <= 0 then return -1 end
+  local target = r * total
+  local last = -1
+  for i = 1, n do
+    local w = weights[i]
+    if w > 0 then
+      last = i
+      target = target - w
+      if target < 0 then return i end
+    end
+  end
+  return last -- r close to 1 and float rounding
+end
+
+local function pick(limits, levels, n, cost, r)
+  local seen, tiers = {}, {}
+  for i = 1, n do
+    local p = limits[i].priority
+    if not seen[p] then
+      seen[p] = true
+      tiers[#tiers + 1] = p
+    end
+  end
+  table.sort(tiers)
+  for _, tier in ipairs(tiers) do
+    local weights = {}
+    for i = 1, n do
+      if limits[i].priority == tier and admissible(levels[i], cost, limits[i]) then
+        weights[i] = weight(levels[i], limits[i])
+      else
+        weights[i] = 0.0
+      end
+    end
+    local index = choose(weights, n, r)
+    if index > 0 then return index end
+  end
+  return -1
+end
+
+local function retry_after(limits, levels, n, cost)
+  local best = INF
+  for i = 1, n do
+    best = math.min(best, wait_seconds(levels[i], cost, limits[i]))
+  end
+  return best
+end
+
+-- Bucket storage: one HASH per (model, region). Floats travel as "%.17g" strings,
+-- which round-trip exactly (tostring keeps only 14 digits, and Redis truncates Lua
+-- numbers returned to the client to integers).
+
+local function fmt(x)
+  return string.format('%.17g', x)
+end
+
+local function clock()
+  local t = redis.call('TIME') -- the server's clock: the replicas' clocks differ
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
+-- Limits from ARGV[i .. i+5]: tokens_capacity, tokens_rate, requests_capacity,
+-- requests_rate, weight, priority.
+local function limits_at(i)
+  return {
+    tokens_capacity = tonumber(ARGV[i]),
+    tokens_rate = tonumber(ARGV[i + 1]),
+    requests_capacity = tonumber(ARGV[i + 2]),
+    requests_rate = tonumber(ARGV[i + 3]),
+    weight = tonumber(ARGV[i + 4]),
+    priority = tonumber(ARGV[i + 5]),
+  }
+end
+
+-- The bucket refilled up to `now`; a missing (new or expired) bucket starts full.
+local function load(key, lim, now)
+  local v = redis.call('HMGET', key, 'tokens', 'requests', 'ts', 'cooldown_until',
+    'failures', 'tripped')
+  if not v[1] then
+    return { tokens = lim.tokens_capacity, requests = lim.requests_capacity,
+      cooldown_until = 0, failures = 0, tripped = 0, exists = false }
+  end
+  local elapsed = now - tonumber(v[3])
+  return {
+    tokens = refill(tonumber(v[1]), elapsed, lim.tokens_rate, lim.tokens_capacity),
+    requests = refill(tonumber(v[2]), elapsed, lim.requests_rate, lim.requests_capacity),
+    cooldown_until = tonumber(v[4]) or 0,
+    failures = tonumber(v[5]) or 0,
+    tripped = tonumber(v[6]) or 0,
+    exists = true,
+  }
+end
+
+local function level_of(b, now)
+  return { tokens = b.tokens, requests = b.requests,
+    cooldown = math.max(0.0, b.cooldown_until - now) }
+end
+
+-- Every write refreshes the TTL, so a region removed from the config leaves nothing
+-- behind; the key always outlives its own cooldown.
+local function expire(key, b, now, ttl)
+  local keep = math.min(math.max(ttl, math.ceil(b.cooldown_until - now) + 1), 1e9)
+  redis.call('EXPIRE', key, string.format('%d', keep))
+end
+
+local function save(key, b, now, ttl)
+  redis.call('HSET', key, 'tokens', fmt(b.tokens), 'requests', fmt(b.requests),
+    'ts', fmt(now), 'cooldown_until', fmt(b.cooldown_until),
+    'failures', string.format('%d', b.failures), 'tripped', string.format('%d', b.tripped))
+  expire(key, b, now, ttl)
+end
+
+-- Redis < 5 needs effects replication to write after reading TIME; 5+ always does it.
+if redis.replicate_commands then pcall(redis.replicate_commands) end

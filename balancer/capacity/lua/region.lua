@@ -1,0 +1,48 @@
+-- One write to one region's bucket, refilled first as policy.refill does.
+-- KEYS[1]  the bucket
+-- ARGV     op, ttl, then for every op but record_success the 6 limits (see limits_at), then:
+--   settle           delta    tokens to charge (actual - reserved; negative refunds)
+--   cooldown         seconds
+--   record_failure   threshold, open_seconds
+--   record_success   (nothing)
+-- Returns 1 when record_failure left the circuit open, else 0.
+
+local key = KEYS[1]
+local op = ARGV[1]
+local ttl = tonumber(ARGV[2])
+local now = clock()
+
+if op == 'record_success' then
+  -- Close the circuit; an unknown region has nothing to reset (and needs no key).
+  local v = redis.call('HMGET', key, 'failures', 'tripped')
+  if (tonumber(v[1]) or 0) ~= 0 or (tonumber(v[2]) or 0) ~= 0 then
+    redis.call('HSET', key, 'failures', '0', 'tripped', '0')
+    local cu = tonumber(redis.call('HGET', key, 'cooldown_until')) or 0
+    expire(key, { cooldown_until = cu }, now, ttl)
+  end
+  return 0
+end
+
+local lim = limits_at(3)
+local b = load(key, lim, now)
+local result = 0
+
+if op == 'settle' then
+  -- A refund never fills the bucket beyond capacity.
+  b.tokens = math.min(b.tokens - tonumber(ARGV[9]), lim.tokens_capacity)
+elseif op == 'cooldown' then
+  b.cooldown_until = math.max(b.cooldown_until, now + tonumber(ARGV[9]))
+  b.tokens = math.min(b.tokens, 0.0) -- the region told us it is empty
+elseif op == 'record_failure' then
+  b.failures = b.failures + 1
+  if b.failures >= tonumber(ARGV[9]) then
+    b.tripped = 1
+    b.cooldown_until = math.max(b.cooldown_until, now + tonumber(ARGV[10]))
+    result = 1
+  end
+else
+  return redis.error_reply('unknown op ' .. tostring(op))
+end
+
+save(key, b, now, ttl)
+return result

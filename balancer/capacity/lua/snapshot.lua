@@ -1,0 +1,16 @@
+-- Read every candidate region of a model, refilled to now, without writing.
+-- KEYS[i]  the bucket of candidate i;  ARGV  6 limits per candidate (see limits_at)
+-- Returns  5 strings per candidate: tokens, requests, cooldown seconds, failures, tripped.
+
+local now = clock()
+local out = {}
+for i = 1, #KEYS do
+  local b = load(KEYS[i], limits_at(1 + (i - 1) * 6), now)
+  local level = level_of(b, now)
+  out[#out + 1] = fmt(level.tokens)
+  out[#out + 1] = fmt(level.requests)
+  out[#out + 1] = fmt(level.cooldown)
+  out[#out + 1] = string.format('%d', b.failures)
+  out[#out + 1] = string.format('%d', b.tripped)
+end
+return out

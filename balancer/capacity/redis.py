@@ -1,0 +1,235 @@
+"""Shared capacity store on Redis or Redis Cluster: every replica sees the same buckets.
+
+Each operation is one Lua script, so one round trip, atomic on the server. The
+scripts (`lua/*.lua`) run the policy of `balancer.policy` (ported in `lua/lib.lua`)
+with the time taken from Redis `TIME`, since the replicas' clocks differ, and the
+random number passed in by the caller, since scripts must be deterministic.
+
+Key layout, one HASH per (model, region) with the fields tokens, requests, ts,
+cooldown_until, failures, tripped:
+
+    {prefix}:{<model>}:<region>      e.g.  bal:{gpt-4}:eastus2
+
+The model is a hash tag, so all of a model's regions live in one cluster slot and
+one script can read and write all of them. One hash per region (rather than a key
+per field) keeps a bucket's levels, stamp and circuit together: one HMGET reads it,
+one HSET + EXPIRE writes it, and the TTL covers all of it. Live replicas are a
+sorted set `{prefix}:{replicas}` scored by Redis time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Sequence
+from importlib import resources
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from balancer.capacity.base import Grant, RegionState, Wait
+from balancer.capacity.memory import state_of
+from balancer.config import StoreConfig
+from balancer.policy import Level, Limits
+
+Client = Redis | RedisCluster
+
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def _script(name: str, *, prelude: bool = True) -> str:
+    lua = resources.files("balancer.capacity") / "lua"
+    body = (lua / f"{name}.lua").read_text(encoding="utf-8")
+    return (lua / "lib.lua").read_text(encoding="utf-8") + "\n" + body if prelude else body
+
+
+def _num(x: float) -> str:
+    # repr is the shortest string that parses back to the same double (Lua's tonumber
+    # uses strtod), so the script computes with exactly the caller's values.
+    return repr(float(x))
+
+
+def connect(config: StoreConfig) -> Client:
+    """A client for `config.url` with short timeouts and no retries: a slow or absent
+    Redis must fail fast so the caller can degrade instead of queueing requests."""
+    parts = urlsplit(config.url)
+    cluster = config.cluster or parts.scheme in CLUSTER_SCHEMES
+    url = urlunsplit(parts._replace(scheme=CLUSTER_SCHEMES.get(parts.scheme, parts.scheme)))
+    options: dict[str, Any] = {
+        "socket_timeout": config.timeout_seconds,
+        "socket_connect_timeout": config.timeout_seconds,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if cluster:
+        # The cluster client caps connections per node (100 by default) and raises
+        # beyond that; admission concurrency can exceed it under load.
+        return RedisCluster.from_url(url, max_connections=10_000, **options)
+    return Redis.from_url(url, **options)
+
+
+class RedisStore:
+    """`CapacityStore` on a `redis.asyncio` client (plain or cluster)."""
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        key_prefix: str = "bal",
+        key_ttl_seconds: int = 3600,
+        timeout_seconds: float = 0.25,
+        on_round_trip: Callable[[str], None] | None = None,
+        name: str | None = None,
+    ):
+        self.client = client
+        self.name = name or ("redis-cluster" if isinstance(client, RedisCluster) else "redis")
+        self.prefix = key_prefix
+        self.ttl = int(key_ttl_seconds)
+        self.timeout = timeout_seconds
+        self._round_trip = on_round_trip or (lambda op: None)
+        # register_script: EVALSHA, and on NOSCRIPT a SCRIPT LOAD then EVALSHA again. On
+        # the async cluster client SCRIPT LOAD goes to every primary and EVALSHA to the
+        # keys' slot, so the same objects work on both clients.
+        self._acquire = client.register_script(_script("acquire"))
+        self._region = client.register_script(_script("region"))
+        self._snapshot = client.register_script(_script("snapshot"))
+        self._heartbeat = client.register_script(_script("heartbeat", prelude=False))
+        self._replica_ttl = 10.0  # the ttl of the last heartbeat, for replicas()
+        self._limit_args: dict[Limits, tuple[str, ...]] = {}
+
+    @classmethod
+    def from_config(
+        cls, config: StoreConfig, *, on_round_trip: Callable[[str], None] | None = None
+    ) -> RedisStore:
+        return cls(
+            connect(config),
+            key_prefix=config.key_prefix,
+            key_ttl_seconds=config.key_ttl_seconds,
+            timeout_seconds=config.timeout_seconds,
+            on_round_trip=on_round_trip,
+        )
+
+    def key(self, model: str, region: str) -> str:
+        return f"{self.prefix}:{{{model}}}:{region}"
+
+    @property
+    def replicas_key(self) -> str:
+        return f"{self.prefix}:{{replicas}}"
+
+    def _limits(self, limits: Limits) -> tuple[str, ...]:
+        args = self._limit_args.get(limits)
+        if args is None:
+            if len(self._limit_args) > 4096:  # config reloads create new Limits
+                self._limit_args.clear()
+            args = (
+                _num(limits.tokens_capacity),
+                _num(limits.tokens_rate),
+                _num(limits.requests_capacity),
+                _num(limits.requests_rate),
+                _num(limits.weight),
+                str(int(limits.priority)),
+            )
+            self._limit_args[limits] = args
+        return args
+
+    async def acquire(
+        self,
+        model: str,
+        candidates: Sequence[Limits],
+        cost: int,
+        r: float,
+        exclude: Collection[str] = (),
+    ) -> Grant | Wait:
+        usable = [c for c in candidates if c.region not in exclude]
+        if not usable:
+            return Wait(math.inf)  # policy.retry_after of nothing, as MemoryStore
+        args = [_num(cost), _num(r), str(self.ttl)]
+        for c in usable:
+            args.extend(self._limits(c))
+        self._round_trip("acquire")
+        index, extra = await self._acquire(
+            keys=[self.key(model, c.region) for c in usable], args=args
+        )
+        if index == 0:
+            return Wait(float(extra))
+        return Grant(model, usable[index - 1], cost, int(extra))
+
+    async def _apply(self, op: str, model: str, limits: Limits, *extra: str) -> int:
+        self._round_trip(op)
+        return await self._region(
+            keys=[self.key(model, limits.region)],
+            args=[op, str(self.ttl), *self._limits(limits), *extra],
+        )
+
+    async def settle(self, grant: Grant, actual_tokens: int) -> None:
+        delta = actual_tokens - grant.tokens
+        if delta == 0:
+            return  # nothing to charge or refund: skip the round trip
+        await self._apply("settle", grant.model, grant.limits, str(delta))
+
+    async def cooldown(self, model: str, limits: Limits, seconds: float) -> None:
+        await self._apply("cooldown", model, limits, _num(seconds))
+
+    async def record_failure(
+        self, model: str, limits: Limits, threshold: int, open_seconds: float
+    ) -> bool:
+        opened = await self._apply(
+            "record_failure", model, limits, str(int(threshold)), _num(open_seconds)
+        )
+        return bool(opened)
+
+    async def record_success(self, model: str, limits: Limits) -> None:
+        self._round_trip("record_success")
+        await self._region(
+            keys=[self.key(model, limits.region)], args=["record_success", str(self.ttl)]
+        )
+
+    async def snapshot(self, model: str, candidates: Sequence[Limits]) -> list[RegionState]:
+        if not candidates:
+            return []
+        args: list[str] = []
+        for c in candidates:
+            args.extend(self._limits(c))
+        self._round_trip("snapshot")
+        raw = await self._snapshot(keys=[self.key(model, c.region) for c in candidates], args=args)
+        out = []
+        for i, c in enumerate(candidates):
+            tokens, requests, cooldown, failures, tripped = raw[i * 5 : i * 5 + 5]
+            level = Level(float(tokens), float(requests), float(cooldown))
+            out.append(state_of(c, level, int(failures), int(tripped) != 0))
+        return out
+
+    async def heartbeat(self, replica_id: str, ttl_seconds: float) -> int:
+        """Record this replica as live; returns how many replicas were live within
+        `ttl_seconds` (this one included), by the Redis clock."""
+        self._replica_ttl = ttl_seconds
+        self._round_trip("heartbeat")
+        return int(
+            await self._heartbeat(
+                keys=[self.replicas_key],
+                args=[replica_id, _num(ttl_seconds), str(max(self.ttl, math.ceil(ttl_seconds)))],
+            )
+        )
+
+    async def replicas(self) -> int:
+        """Live replicas within the ttl of the last heartbeat (10 s before any)."""
+        self._round_trip("replicas")
+        return int(
+            await self._heartbeat(
+                keys=[self.replicas_key], args=["", _num(self._replica_ttl), str(self.ttl)]
+            )
+        )
+
+    async def leave(self, replica_id: str) -> None:
+        """Forget this replica at shutdown, so the others' count drops at once."""
+        self._round_trip("leave")
+        await self.client.zrem(self.replicas_key, replica_id)
+
+    async def ping(self) -> bool:
+        self._round_trip("ping")
+        return bool(await self.client.ping())
+
+    async def close(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,259 @@
+"""Degraded mode: Redis failure is not an outage.
+
+`ResilientStore` wraps a `RedisStore`. While Redis answers, every call goes to it.
+The first call that fails or exceeds the timeout switches this replica to degraded
+mode: that call and every later one are served from local buckets holding this
+replica's share of each region (capacity and refill rate divided by the replicas
+last seen live), so no request fails and none waits on a dead Redis. A background
+task probes Redis and switches back by itself when it answers; the same task sends
+the heartbeats that count the live replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import replace
+from functools import lru_cache
+
+from redis.exceptions import RedisClusterException, RedisError
+
+from balancer.capacity.base import Grant, RegionState, Wait
+from balancer.capacity.memory import MemoryStore
+from balancer.capacity.redis import RedisStore
+from balancer.policy import Limits
+
+log = logging.getLogger(__name__)
+
+# Everything a sick Redis (or the network to it) can raise. OSError covers socket
+# errors that escape redis-py; TimeoutError is also what asyncio.timeout raises.
+FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
+
+
+@lru_cache(maxsize=4096)
+def share(limits: Limits, replicas: int) -> Limits:
+    """This replica's part of a region when the replicas cannot coordinate."""
+    if replicas <= 1:
+        return limits
+    return replace(
+        limits,
+        tokens_capacity=limits.tokens_capacity / replicas,
+        tokens_rate=limits.tokens_rate / replicas,
+        requests_capacity=limits.requests_capacity / replicas,
+        requests_rate=limits.requests_rate / replicas,
+    )
+
+
+def replica_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class ResilientStore:
+    """A `CapacityStore` that falls back to local buckets while Redis is unavailable."""
+
+    def __init__(
+        self,
+        shared: RedisStore,
+        *,
+        on_degraded: Callable[[bool], None] | None = None,
+        probe_interval: float = 0.5,
+        heartbeat_interval: float = 2.0,
+        replica_id: str | None = None,
+    ):
+        self.shared = shared
+        self.local = MemoryStore()
+        self.name = shared.name
+        self.replica_id = replica_id or replica_name()
+        self._on_degraded = on_degraded
+        self._probe_interval = probe_interval
+        self._heartbeat_interval = heartbeat_interval
+        # A replica missing three heartbeats no longer counts.
+        self._replica_ttl = 3 * heartbeat_interval
+        # Bounds a whole call, NOSCRIPT reload and cluster redirects included; each
+        # socket operation is already bounded by the client's own timeout.
+        self._deadline = 2 * shared.timeout
+        self._degraded = False
+        self._replicas = 1  # until a heartbeat says otherwise: alone, take it all
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def degraded(self) -> bool:
+        return self._degraded
+
+    @property
+    def replicas(self) -> int:
+        """Live replicas at the last heartbeat; the divisor of the local share."""
+        return self._replicas
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Register this replica and start probing and heartbeats. Optional: the first
+        operation starts the background task too, but without a heartbeat first."""
+        if self._task is None and not self._closed:
+            await self._beat()
+            self._ensure_task()
+
+    def _ensure_task(self) -> None:
+        if self._task is None and not self._closed:
+            self._task = asyncio.get_running_loop().create_task(
+                self._background(), name="balancer-store-probe"
+            )
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if not self._degraded:
+            with contextlib.suppress(*FAILURES):
+                async with asyncio.timeout(self._deadline):
+                    await self.shared.leave(self.replica_id)
+        with contextlib.suppress(*FAILURES):
+            await self.shared.close()
+        await self.local.close()
+
+    # -- mode switches -----------------------------------------------------------
+
+    def _degrade(self, op: str, exc: BaseException) -> None:
+        if self._degraded:
+            return
+        self._degraded = True
+        # The exception text names host and port at most, never the URL's password.
+        log.warning(
+            "capacity store %s failed on %s (%s: %s); degraded mode: local buckets with "
+            "1/%d of each region's capacity until it answers again",
+            self.name,
+            op,
+            type(exc).__name__,
+            str(exc) or "no answer in time",
+            self._replicas,
+        )
+        self._notify(True)
+        self._ensure_task()
+
+    def _recover(self) -> None:
+        self._degraded = False
+        log.info("capacity store %s answers again; back to shared mode", self.name)
+        self._notify(False)
+
+    def _notify(self, degraded: bool) -> None:
+        if self._on_degraded is not None:
+            try:
+                self._on_degraded(degraded)
+            except Exception:  # a metrics hook must not break admission
+                log.exception("on_degraded callback failed")
+
+    async def _beat(self, *, quiet: bool = False) -> bool:
+        """Send a heartbeat; on failure degrade (unless `quiet`: already degraded)."""
+        try:
+            async with asyncio.timeout(self._deadline):
+                count = await self.shared.heartbeat(self.replica_id, self._replica_ttl)
+        except FAILURES as exc:
+            if not quiet:
+                self._degrade("heartbeat", exc)
+            return False
+        self._replicas = max(1, count)
+        return True
+
+    async def _background(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_beat = loop.time() + self._heartbeat_interval
+        while True:
+            await asyncio.sleep(self._probe_interval)
+            try:
+                if self._degraded:
+                    # The probe is a heartbeat, not a bare PING: it also proves the
+                    # scripts run, and brings back the current replica count.
+                    if await self._beat(quiet=True):
+                        self._recover()
+                        next_beat = loop.time() + self._heartbeat_interval
+                elif loop.time() >= next_beat:
+                    await self._beat()
+                    next_beat = loop.time() + self._heartbeat_interval
+            except Exception:  # never let the probe die: it is the way back
+                log.exception("capacity store probe failed unexpectedly")
+
+    # -- the store protocol --------------------------------------------------------
+
+    def _share(self, limits: Limits) -> Limits:
+        return share(limits, self._replicas)
+
+    async def acquire(
+        self,
+        model: str,
+        candidates: Sequence[Limits],
+        cost: int,
+        r: float,
+        exclude: Collection[str] = (),
+    ) -> Grant | Wait:
+        if self._task is None:
+            self._ensure_task()
+        if not self._degraded:
+            try:
+                async with asyncio.timeout(self._deadline):
+                    return await self.shared.acquire(model, candidates, cost, r, exclude)
+            except FAILURES as exc:
+                self._degrade("acquire", exc)
+        shares = [self._share(c) for c in candidates]
+        result = await self.local.acquire(model, shares, cost, r, exclude)
+        if isinstance(result, Wait):
+            return result
+        # Hand back the caller's own Limits; settle scales them again.
+        original = candidates[next(i for i, s in enumerate(shares) if s is result.limits)]
+        return replace(result, limits=original, source="local")
+
+    async def settle(self, grant: Grant, actual_tokens: int) -> None:
+        if grant.source == "shared" and not self._degraded:
+            try:
+                async with asyncio.timeout(self._deadline):
+                    return await self.shared.settle(grant, actual_tokens)
+            except FAILURES as exc:
+                self._degrade("settle", exc)
+        await self.local.settle(replace(grant, limits=self._share(grant.limits)), actual_tokens)
+
+    async def cooldown(self, model: str, limits: Limits, seconds: float) -> None:
+        if not self._degraded:
+            try:
+                async with asyncio.timeout(self._deadline):
+                    return await self.shared.cooldown(model, limits, seconds)
+            except FAILURES as exc:
+                self._degrade("cooldown", exc)
+        await self.local.cooldown(model, self._share(limits), seconds)
+
+    async def record_failure(
+        self, model: str, limits: Limits, threshold: int, open_seconds: float
+    ) -> bool:
+        if not self._degraded:
+            try:
+                async with asyncio.timeout(self._deadline):
+                    return await self.shared.record_failure(model, limits, threshold, open_seconds)
+            except FAILURES as exc:
+                self._degrade("record_failure", exc)
+        return await self.local.record_failure(model, self._share(limits), threshold, open_seconds)
+
+    async def record_success(self, model: str, limits: Limits) -> None:
+        if not self._degraded:
+            try:
+                async with asyncio.timeout(self._deadline):
+                    return await self.shared.record_success(model, limits)
+            except FAILURES as exc:
+                self._degrade("record_success", exc)
+        await self.local.record_success(model, self._share(limits))
+
+    async def snapshot(self, model: str, candidates: Sequence[Limits]) -> list[RegionState]:
+        if not self._degraded:
+            try:
+                async with asyncio.timeout(self._deadline):
+                    return await self.shared.snapshot(model, candidates)
+            except FAILURES as exc:
+                self._degrade("snapshot", exc)
+        return await self.local.snapshot(model, [self._share(c) for c in candidates])

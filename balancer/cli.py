@@ -1,0 +1,135 @@
+"""`balancer serve | simulate | check`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from dataclasses import replace
+
+from aiohttp import web
+
+from balancer import config as config_mod
+from balancer.config import Config, ConfigError
+from balancer.gateway import RUNTIME, create_app
+
+log = logging.getLogger("balancer")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="balancer", description=__doc__)
+    parser.add_argument("--log-level", default=os.environ.get("BALANCER_LOG_LEVEL", "INFO"),
+                        help="DEBUG, INFO, WARNING or ERROR (env BALANCER_LOG_LEVEL)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help="regions.yaml path (env BALANCER_CONFIG; "
+                                        "default ./regions.yaml)")
+    serve.add_argument("--host", help="override listen.host")
+    serve.add_argument("--port", type=int, help="override listen.port")
+    serve.add_argument("--simulate", action="store_true",
+                       help="replace every region by a local simulated region of the same TPM")
+    serve.add_argument("--time-scale", type=float,
+                       help="compress time (10 = a minute lasts 6 s); for simulations")
+
+    check = sub.add_parser("check", help="validate a regions.yaml and exit non-zero on error")
+    check.add_argument("file", nargs="?", help="default: $BALANCER_CONFIG or ./regions.yaml")
+    check.add_argument("--simulate", action="store_true",
+                       help="tolerate unset endpoint/key variables, as serve --simulate does")
+
+    simulate = sub.add_parser("simulate", help="run simulated Azure-like regions")
+    from balancer import simulator
+
+    simulator.add_arguments(simulate)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.command == "check":
+        return run_check(args.file, simulate=args.simulate)
+    if args.command == "simulate":
+        return asyncio.run(_simulate(simulator.config_from_args(args), args.host, args.port))
+    return run_serve(args)
+
+
+def run_check(file: str | None, *, simulate: bool = False) -> int:
+    path = config_mod.config_path(file)
+    try:
+        cfg = config_mod.load(path, simulate=simulate)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    models = cfg.models
+    print(f"{path}: OK: {len(cfg.regions)} regions, {len(models)} models "
+          f"({', '.join(f'{m}: {sum(t.deployment.tpm for t in ts):,} TPM' for m, ts in models.items())})")
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    path = config_mod.config_path(args.config)
+    try:
+        cfg = config_mod.load(path, simulate=args.simulate)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    listen = replace(cfg.listen, host=args.host or cfg.listen.host,
+                     port=args.port if args.port is not None else cfg.listen.port)
+    gateway = cfg.gateway
+    if args.time_scale:
+        gateway = replace(gateway, time_scale=args.time_scale)
+    cfg = replace(cfg, listen=listen, gateway=gateway)
+    return asyncio.run(_serve(cfg, simulate=args.simulate))
+
+
+async def _serve(cfg: Config, *, simulate: bool) -> int:
+    sim_runner = None
+    if simulate:
+        from balancer import embedded, simulator
+
+        sim_runner, sim_url = await simulator.start(embedded.simulator_config(cfg))
+        cfg = embedded.with_simulated_endpoints(cfg, sim_url)
+        log.info("simulated regions at %s: %s", sim_url,
+                 ", ".join(f"{r.name} ({sum(d.tpm for d in r.deployments.values()):,} TPM)"
+                           for r in cfg.regions))
+    app = create_app(cfg)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=30.0)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port, reuse_address=True)
+    await site.start()
+    log.info("balancer listening on http://%s:%d (store %s, config %s)", cfg.listen.host,
+             cfg.listen.port, app[RUNTIME].store.name, cfg.source)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    app[RUNTIME].draining = True
+    await runner.cleanup()
+    if sim_runner is not None:
+        await sim_runner.cleanup()
+    return 0
+
+
+async def _simulate(sim_config, host: str, port: int) -> int:  # noqa: ANN001
+    from balancer import simulator
+
+    runner, url = await simulator.start(sim_config, host=host, port=port)
+    log.info("simulated regions at %s: %s", url, ", ".join(r.name for r in sim_config.regions))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Token cost of a request, estimated before it is sent.
+
+Azure admits a request by its *estimated* cost: prompt tokens plus the
+completion budget (`max_tokens`). We reserve the same figure and settle it
+against the real `usage` afterwards, so a fast estimate is enough: about four
+characters per token plus a small per-message overhead (the same rule of thumb
+OpenAI documents). Pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+CHARS_PER_TOKEN = 4
+MESSAGE_OVERHEAD = 4  # role and separators per chat message
+REPLY_PRIMING = 3  # every chat reply is primed with <|start|>assistant<|message|>
+
+OPERATIONS = ("chat/completions", "completions", "embeddings")
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    prompt: int
+    completion: int
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.completion
+
+
+def text_tokens(text: str) -> int:
+    """Tokens in a piece of text: ceil(chars / 4), and at least one for non-empty text."""
+    n = len(text)
+    return (n + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
+
+
+def _content_tokens(content: Any) -> int:
+    if isinstance(content, str):
+        return text_tokens(content)
+    if isinstance(content, list):  # multi-part content: [{"type": "text", "text": ...}, ...]
+        total = 0
+        for part in content:
+            if isinstance(part, dict):
+                text = part.get("text")
+                if isinstance(text, str):
+                    total += text_tokens(text)
+                elif part.get("type") in ("image_url", "input_image"):
+                    total += 85  # OpenAI's flat cost of a low-detail image
+            elif isinstance(part, str):
+                total += text_tokens(part)
+        return total
+    return 0
+
+
+def _input_tokens(value: Any) -> int:
+    """`prompt` (completions) or `input` (embeddings): a string, a list of strings,
+    a list of token ids, or a list of lists of token ids."""
+    if isinstance(value, str):
+        return text_tokens(value)
+    if isinstance(value, list):
+        total = 0
+        for item in value:
+            if isinstance(item, str):
+                total += text_tokens(item)
+            elif isinstance(item, int):
+                total += 1
+            elif isinstance(item, list):
+                total += len(item)
+        return total
+    return 0
+
+
+def prompt_tokens(operation: str, body: dict[str, Any]) -> int:
+    """Estimated prompt (input) tokens of a request body already shape-checked."""
+    if operation == "chat/completions":
+        total = REPLY_PRIMING
+        for message in body.get("messages") or ():
+            if not isinstance(message, dict):
+                continue
+            total += MESSAGE_OVERHEAD + _content_tokens(message.get("content"))
+            name = message.get("name")
+            if isinstance(name, str):
+                total += text_tokens(name)
+            tool_calls = message.get("tool_calls")
+            if tool_calls:
+                total += text_tokens(str(tool_calls))
+        tools = body.get("tools") or body.get("functions")
+        if tools:
+            total += text_tokens(str(tools))
+        return total
+    if operation == "completions":
+        return _input_tokens(body.get("prompt"))
+    if operation == "embeddings":
+        return _input_tokens(body.get("input"))
+    raise ValueError(f"unknown operation {operation!r}")
+
+
+def completion_budget(operation: str, body: dict[str, Any], default_max_tokens: int) -> int:
+    """The completion tokens the upstream will reserve: `max_completion_tokens`,
+    else `max_tokens`, else the deployment's default; embeddings have none.
+    `n` choices each get the budget."""
+    if operation == "embeddings":
+        return 0
+    budget = body.get("max_completion_tokens")
+    if budget is None:
+        budget = body.get("max_tokens")
+    if budget is None:
+        budget = default_max_tokens
+    n = body.get("n")
+    choices = n if isinstance(n, int) and n > 0 else 1
+    return int(budget) * choices
+
+
+def estimate(operation: str, body: dict[str, Any], default_max_tokens: int) -> Estimate:
+    return Estimate(
+        prompt_tokens(operation, body),
+        completion_budget(operation, body, default_max_tokens),
+    )

@@ -1,0 +1,47 @@
+"""`serve --simulate`: every region of a config replaced by a local simulated region
+with the same TPM and RPM, served in-process. How `make run` works with no cloud."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from balancer.config import Config, Region, Secret
+from balancer.simulator import SimConfig, SimDeployment, SimRegion
+
+
+def sim_key(region: str) -> str:
+    return f"sim-key-{region}"
+
+
+def simulator_config(config: Config, *, seed: int | None = None, **knobs: float) -> SimConfig:
+    """The simulated twin of each region: same deployment names and limits, and the
+    same burst windows as the gateway's buckets (Azure: ~10 s for tokens, 1 s for requests)."""
+    regions = [
+        SimRegion(
+            name=r.name,
+            deployments=[SimDeployment(d.deployment, d.tpm, d.rpm) for d in _unique(r)],
+            api_key=sim_key(r.name),
+            **knobs,
+        )
+        for r in config.regions
+    ]
+    gw = config.gateway
+    return SimConfig(regions=regions, time_scale=gw.time_scale,
+                     token_window_seconds=gw.burst_seconds,
+                     request_window_seconds=gw.rpm_burst_seconds, seed=seed)
+
+
+def _unique(region: Region) -> list:
+    seen: dict[str, object] = {}
+    for dep in region.deployments.values():
+        seen.setdefault(dep.deployment, dep)
+    return list(seen.values())
+
+
+def with_simulated_endpoints(config: Config, base_url: str) -> Config:
+    """Point every region at its simulated twin under `base_url`."""
+    regions = []
+    for r in config.regions:
+        endpoint = f"{base_url}/{r.name}" + ("/v1" if r.kind == "openai" else "")
+        regions.append(replace(r, endpoint=endpoint, api_key=Secret(sim_key(r.name))))
+    return replace(config, regions=tuple(regions))

@@ -1,0 +1,611 @@
+"""The gateway: an aiohttp app whose request path reads top to bottom.
+
+    client -> auth -> parse & validate -> estimate cost -> SELECT+RESERVE (store)
+           <- relay response <- forward to region <-----------------'
+                                 '-> 429/5xx/timeout: cool down or count a failure,
+                                     refund, exclude the region, select again
+           after the response: SETTLE (reserved vs actual usage) + metrics
+
+Retries happen only before the first byte reaches the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import random
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from balancer import cost, errors, upstream, validate
+from balancer.capacity.base import CapacityStore, Grant, Wait
+from balancer.capacity.memory import MemoryStore
+from balancer.config import Config, GatewayConfig, Target
+from balancer.errors import ClientError
+from balancer.metrics import Metrics
+from balancer.policy import Limits
+from balancer.sse import UsageTap, error_event
+
+log = logging.getLogger("balancer")
+access_log = logging.getLogger("balancer.access")
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+JSON_TYPES = ("application/json", "")
+
+
+# --------------------------------------------------------------------------- routing table
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    """Where one model can go: its targets and their store limits, index-aligned."""
+
+    targets: Mapping[str, Target]
+    limits: tuple[Limits, ...]
+    default_max_tokens: int
+
+
+def limits_for(target: Target, gw: GatewayConfig) -> Limits:
+    dep = target.deployment
+    per_second_tpm, per_second_rpm = dep.tpm / 60.0, dep.rpm / 60.0
+    return Limits(
+        region=target.region.name,
+        tokens_capacity=per_second_tpm * gw.burst_seconds,
+        tokens_rate=per_second_tpm * gw.time_scale,
+        requests_capacity=max(1.0, per_second_rpm * gw.rpm_burst_seconds),
+        requests_rate=per_second_rpm * gw.time_scale,
+        weight=dep.weight,
+        priority=target.region.priority,
+    )
+
+
+def build_routes(config: Config) -> dict[str, ModelRoute]:
+    routes = {}
+    for model, targets in config.models.items():
+        routes[model] = ModelRoute(
+            targets={t.region.name: t for t in targets},
+            limits=tuple(limits_for(t, config.gateway) for t in targets),
+            default_max_tokens=max(t.deployment.default_max_tokens for t in targets),
+        )
+    return routes
+
+
+@dataclass
+class Runtime:
+    """Everything a request needs. `config` and `routes` are replaced together on
+    reload; a request reads them once, so reloads never change a request midway."""
+
+    config: Config
+    store: CapacityStore
+    metrics: Metrics
+    api_keys: tuple[bytes, ...] = ()
+    session: aiohttp.ClientSession | None = None
+    routes: dict[str, ModelRoute] = field(default_factory=dict)
+    draining: bool = False
+
+    def __post_init__(self) -> None:
+        self.routes = build_routes(self.config)
+
+
+RUNTIME = web.AppKey("runtime", Runtime)
+
+
+@dataclass
+class Record:
+    """One structured access-log line per request (no secrets, no bodies)."""
+
+    request_id: str
+    model: str | None = None
+    region: str | None = None
+    attempts: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+RECORD = web.RequestKey("record", Record)  # the request's access-log record
+
+
+# --------------------------------------------------------------------------- request path
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await proxy(request, "chat/completions", None)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await proxy(request, "completions", None)
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    return await proxy(request, "embeddings", None)
+
+
+async def azure(request: web.Request) -> web.StreamResponse:
+    api_version = request.query.get("api-version")
+    if not api_version:
+        raise ClientError(400, "Missing the api-version query parameter.", "missing_api_version",
+                          param="api-version")
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}(-preview)?", api_version):
+        raise ClientError(400, "Unsupported api-version: use the form YYYY-MM-DD[-preview].",
+                          "invalid_api_version", param="api-version")
+    return await proxy(request, request.match_info["operation"], request.match_info["model"])
+
+
+async def proxy(request: web.Request, operation: str, path_model: str | None
+                ) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    record: Record = request[RECORD]
+    authorize(request, rt)
+    raw = await read_body(request)
+    req = validate.parse(operation, raw, path_model)
+    record.model = req.model
+    route = rt.routes.get(req.model)
+    if route is None:
+        raise ClientError(404, f"The model '{req.model}' does not exist or you do not have "
+                          "access to it.", "model_not_found", param="model", reason="not_found")
+    estimate = cost.estimate(operation, req.body, route.default_max_tokens)
+
+    gw = rt.config.gateway
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + gw.deadline_seconds
+    tried: set[str] = set()
+    failure: Failure | None = None
+    for attempt in range(1, gw.max_attempts + 1):
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            break
+        grant = await rt.store.acquire(req.model, route.limits, estimate.total,
+                                       random.random(), tried)
+        if isinstance(grant, Wait):
+            if failure is None:
+                rt.metrics.rejections.labels("no_capacity").inc()
+                return errors.no_capacity(req.model, grant.retry_after)
+            break
+        if failure is not None:
+            rt.metrics.retries.labels(req.model, failure.reason).inc()
+        target = route.targets[grant.region]
+        tried.add(grant.region)
+        record.attempts, record.region = attempt, grant.region
+        rt.metrics.selections.labels(req.model, grant.region).inc()
+        outcome = await forward(request, rt, req, estimate, grant, target, remaining)
+        if isinstance(outcome, web.StreamResponse):
+            return outcome
+        failure = outcome
+    if failure is None:  # the deadline passed before any attempt
+        return errors.no_capacity(req.model, gw.default_cooldown_seconds)
+    return failure.response()
+
+
+@dataclass
+class Failure:
+    """An attempt that may be retried elsewhere; if it is the last, the client gets it."""
+
+    reason: str  # label: throttled, status_5xx, timeout, connect, bad_response
+    region: str
+    status: int
+    body: bytes
+    retry_after: float | None = None
+
+    def response(self) -> web.Response:
+        headers = {"x-balancer-region": self.region}
+        if self.retry_after is not None:
+            headers["Retry-After"] = errors.retry_after_header(self.retry_after)
+        if _is_openai_error(self.body):  # relay the region's own error as it was
+            return web.Response(status=self.status, body=self.body, headers=headers,
+                                content_type="application/json")
+        return errors.response(self.status, f"The upstream region failed ({self.reason}).",
+                               self.reason, type_="upstream_error", headers=headers)
+
+
+async def forward(request: web.Request, rt: Runtime, req: validate.ClientRequest,
+                  estimate: cost.Estimate, grant: Grant, target: Target, remaining: float
+                  ) -> web.StreamResponse | Failure:
+    """One attempt at one region: a final response, or a Failure to retry elsewhere."""
+    gw, m, store = rt.config.gateway, rt.metrics, rt.store
+    model, region = req.model, grant.region
+    timeout = aiohttp.ClientTimeout(total=None, connect=min(gw.connect_timeout_seconds, remaining),
+                                    sock_read=min(gw.read_timeout_seconds, remaining))
+    assert rt.session is not None
+    sent = time.perf_counter()
+    try:
+        up = await rt.session.post(upstream.url(target, req.operation),
+                                   data=upstream.body_for(target, req),
+                                   headers=upstream.headers(target), timeout=timeout)
+    except TRANSPORT_ERRORS as exc:
+        reason = "timeout" if isinstance(exc, TimeoutError) else "connect"
+        # A timed-out request may still be running upstream: keep its reservation.
+        await region_failed(rt, grant, reason, refund=reason == "connect")
+        return Failure(reason, region, 504 if reason == "timeout" else 502, b"")
+    m.upstream_latency.labels(model, region).observe(time.perf_counter() - sent)
+
+    async with up:
+        status = up.status
+        if status == 429:
+            wait = upstream.throttle_seconds(up.headers, gw.default_cooldown_seconds)
+            body = await _read_quietly(up)
+            m.upstream_throttled.labels(model, region).inc()
+            await store.settle(grant, 0)
+            await store.cooldown(model, grant.limits, wait)
+            return Failure("throttled", region, 429, body, retry_after=wait)
+        if status >= 500 or status in (401, 403, 404, 408):
+            # 401/403/404 mean this region is misconfigured, not that the request is bad.
+            body = await _read_quietly(up)
+            await region_failed(rt, grant, f"status_{status // 100}xx", refund=True)
+            return Failure(f"status_{status // 100}xx", region, status, body)
+        if status >= 400:  # the request itself is wrong: the same answer everywhere
+            body = await _read_quietly(up)
+            await store.settle(grant, 0)
+            await region_ok(rt, grant)
+            return _relay(status, body, up, region)
+        if req.stream and up.content_type == "text/event-stream":
+            return await relay_stream(request, rt, req, estimate, grant, up, sent)
+        try:
+            body = await up.read()
+            usage = upstream.usage_of(json.loads(body))
+        except (*TRANSPORT_ERRORS, ValueError):
+            usage = None
+            body = b""
+        if usage is None and req.operation != "embeddings" or not body:
+            await region_failed(rt, grant, "bad_response", refund=False)
+            return Failure("bad_response", region, 502, b"")
+        await settle(rt, req, estimate, grant, usage)
+        await region_ok(rt, grant)
+        return _relay(status, body, up, region)
+
+
+async def relay_stream(request: web.Request, rt: Runtime, req: validate.ClientRequest,
+                       estimate: cost.Estimate, grant: Grant, up: aiohttp.ClientResponse,
+                       sent: float) -> web.StreamResponse | Failure:
+    """Relay SSE chunk by chunk. Until the first chunk arrives nothing has reached the
+    client, so a region that fails before it can still be retried elsewhere."""
+    region, record = grant.region, request[RECORD]
+    tap = UsageTap(strip_usage_chunk=not req.include_usage)
+    try:
+        first = await up.content.readany()
+    except TRANSPORT_ERRORS:
+        first = b""
+    if not first:
+        await region_failed(rt, grant, "bad_response", refund=False)
+        return Failure("bad_response", region, 502, b"")
+    rt.metrics.time_to_first_token.labels(req.model, region).observe(time.perf_counter() - sent)
+
+    response = web.StreamResponse(status=200, headers={
+        "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+        "x-balancer-region": region})
+    await response.prepare(request)
+    broken: str | None = None
+    client_gone = False
+    chunks = _chunks(up, first)
+    while True:
+        try:
+            chunk = await anext(chunks, None)
+        except TRANSPORT_ERRORS as exc:
+            broken = "timeout" if isinstance(exc, TimeoutError) else "stream_broken"
+            break
+        out = tap.feed(chunk) if chunk is not None else tap.flush()
+        if out:
+            try:
+                await response.write(out)
+            except (ConnectionError, aiohttp.ClientConnectionResetError):
+                client_gone = True
+                break
+        if chunk is None:
+            break
+    if not broken and not client_gone and not tap.done:
+        broken = "stream_broken"  # the region closed without `data: [DONE]`
+    if broken:
+        log.warning("stream from %s broke after the first byte: %s", region, broken)
+        await region_failed(rt, grant, broken, refund=False)
+        if not client_gone:
+            try:
+                await response.write(error_event(
+                    "The upstream region broke the stream; the answer is incomplete.", broken))
+            except (ConnectionError, aiohttp.ClientConnectionResetError):
+                client_gone = True
+    if tap.usage is not None:
+        await settle(rt, req, estimate, grant, tap.usage)
+        record.prompt_tokens, record.completion_tokens = tap.usage
+    if not broken:
+        await region_ok(rt, grant)
+    if not client_gone:
+        await response.write_eof()
+    rt.metrics.requests.labels(req.model, region, "200").inc()
+    return response
+
+
+async def _chunks(up: aiohttp.ClientResponse, first: bytes) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in up.content.iter_any():
+        yield chunk
+
+
+async def settle(rt: Runtime, req: validate.ClientRequest, estimate: cost.Estimate,
+                 grant: Grant, usage: tuple[int, int]) -> None:
+    """Reconcile the reservation with real usage. In `quota` mode, charge what Azure's
+    quota counter charges: the real prompt plus the completion budget it reserved; in
+    `usage` mode, the tokens really used."""
+    prompt, completion = usage
+    if rt.config.gateway.settle == "usage":
+        charged = prompt + completion
+    else:
+        charged = prompt + max(estimate.completion, completion)
+    await rt.store.settle(grant, charged)
+    m = rt.metrics
+    m.tokens.labels(req.model, grant.region, "prompt").inc(prompt)
+    m.tokens.labels(req.model, grant.region, "completion").inc(completion)
+
+
+async def region_failed(rt: Runtime, grant: Grant, reason: str, *, refund: bool) -> None:
+    gw = rt.config.gateway
+    rt.metrics.upstream_errors.labels(grant.model, grant.region, reason).inc()
+    if refund:
+        await rt.store.settle(grant, 0)
+    opened = await rt.store.record_failure(grant.model, grant.limits, gw.circuit_failures,
+                                           gw.circuit_open_seconds)
+    if opened:
+        log.warning("circuit open for %s/%s for %.0f s after %s", grant.model, grant.region,
+                    gw.circuit_open_seconds, reason)
+
+
+async def region_ok(rt: Runtime, grant: Grant) -> None:
+    if grant.failures:  # only then is there a failure count to clear
+        await rt.store.record_success(grant.model, grant.limits)
+
+
+def _relay(status: int, body: bytes, up: aiohttp.ClientResponse, region: str) -> web.Response:
+    return web.Response(status=status, body=body, headers={
+        "Content-Type": up.headers.get("Content-Type", "application/json"),
+        "x-balancer-region": region})
+
+
+async def _read_quietly(up: aiohttp.ClientResponse) -> bytes:
+    try:
+        return await up.read()
+    except TRANSPORT_ERRORS:
+        return b""
+
+
+def _is_openai_error(body: bytes) -> bool:
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(payload, dict) and isinstance(payload.get("error"), dict)
+
+
+TRANSPORT_ERRORS = upstream.TRANSPORT_ERRORS
+
+
+# --------------------------------------------------------------------------- client side
+
+
+def authorize(request: web.Request, rt: Runtime) -> None:
+    """With client keys configured, every API route needs one (Bearer or api-key),
+    compared in constant time against every key so timing reveals nothing."""
+    if not rt.api_keys:
+        return
+    given = request.headers.get("api-key", "")
+    auth = request.headers.get("Authorization", "")
+    if not given and auth[:7].lower() == "bearer ":
+        given = auth[7:].strip()
+    candidate = given.encode()
+    ok = False
+    for key in rt.api_keys:
+        ok |= hmac.compare_digest(candidate, key)
+    if not ok:
+        raise ClientError(401, "Incorrect API key provided." if given else
+                          "You didn't provide an API key. Use 'Authorization: Bearer KEY' or "
+                          "an 'api-key' header.", "invalid_api_key", reason="auth")
+
+
+async def read_body(request: web.Request) -> bytes:
+    ctype = request.content_type
+    if ctype not in JSON_TYPES and not ctype.endswith("+json") and \
+            ctype != "application/octet-stream":
+        raise ClientError(415, f"Unsupported Content-Type {ctype!r}: send application/json.",
+                          "unsupported_media_type")
+    limit = request.app[RUNTIME].config.gateway.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(limit) from None
+
+
+def _too_large(limit: int) -> ClientError:
+    return ClientError(413, f"The request body is larger than {limit} bytes.",
+                       "request_too_large", reason="too_large")
+
+
+# --------------------------------------------------------------------------- other routes
+
+
+async def list_models(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    authorize(request, rt)
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": "balancer"}
+            for name in sorted(rt.routes)]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    body = {"status": "draining" if rt.draining else "ready", "store": rt.store.name,
+            "degraded": bool(getattr(rt.store, "degraded", False))}
+    return web.json_response(body, status=503 if rt.draining else 200)
+
+
+async def regions(request: web.Request) -> web.Response:
+    """Per model and region: remaining tokens, cooldown and circuit. No endpoints, no keys."""
+    rt = request.app[RUNTIME]
+    authorize(request, rt)
+    if not rt.config.gateway.expose_regions:
+        raise web.HTTPNotFound()
+    models = {}
+    for model, route in sorted(rt.routes.items()):
+        states = await rt.store.snapshot(model, route.limits)
+        rows = []
+        for lim, state in zip(route.limits, states, strict=True):
+            target = route.targets[lim.region]
+            rows.append({
+                "region": lim.region, "kind": target.region.kind, "priority": lim.priority,
+                "deployment": target.deployment.deployment, "tpm": target.deployment.tpm,
+                "rpm": target.deployment.rpm, "weight": lim.weight,
+                "tokens_remaining": round(state.tokens, 1),
+                "tokens_capacity": round(state.tokens_capacity, 1),
+                "requests_remaining": round(state.requests, 2),
+                "cooldown_seconds": round(state.cooldown_seconds, 3),
+                "circuit": state.circuit, "failures": state.failures})
+        models[model] = rows
+    return web.json_response({
+        "store": rt.store.name, "degraded": bool(getattr(rt.store, "degraded", False)),
+        "replicas": int(getattr(rt.store, "replicas", 1)), "models": models})
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    """Refresh the gauges read from the store, then render the registry."""
+    rt = request.app[RUNTIME]
+    m = rt.metrics
+    for model, route in rt.routes.items():
+        for state in await rt.store.snapshot(model, route.limits):
+            m.remaining_tokens.labels(model, state.region).set(state.tokens)
+            m.capacity_tokens.labels(model, state.region).set(state.tokens_capacity)
+            m.cooldown.labels(model, state.region).set(state.cooldown_seconds)
+            m.circuit_open.labels(model, state.region).set(1 if state.circuit == "open" else 0)
+    m.store_degraded.set(1 if getattr(rt.store, "degraded", False) else 0)
+    return await request.app[METRICS_RENDER](request)
+
+
+METRICS_RENDER = web.AppKey("metrics_render", object)
+
+
+# --------------------------------------------------------------------------- middleware
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    """Every failure becomes an OpenAI-shaped JSON error; one access-log line per
+    API request; `x-request-id` is honoured or generated and always returned."""
+    incoming = request.headers.get("x-request-id", "")
+    request_id = incoming if REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    record = Record(request_id)
+    request[RECORD] = record
+    rt = request.app[RUNTIME]
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except ClientError as exc:
+        rt.metrics.rejections.labels(exc.reason).inc()
+        response = errors.from_client_error(exc)
+    except web.HTTPException as exc:
+        response = _http_exception(exc)
+    except Exception:
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        response = errors.response(500, "The gateway failed to handle the request.",
+                                   "internal_error", type_="server_error")
+    if record.model is not None:
+        if not response.prepared:  # streams count themselves once relayed
+            rt.metrics.requests.labels(record.model, record.region or "none",
+                                       str(response.status)).inc()
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(json.dumps({
+                "request_id": request_id, "method": request.method, "path": request.path,
+                "model": record.model, "region": record.region, "attempts": record.attempts,
+                "status": response.status,
+                "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+                "prompt_tokens": record.prompt_tokens,
+                "completion_tokens": record.completion_tokens}))
+    return response
+
+
+def _http_exception(exc: web.HTTPException) -> web.Response:
+    codes = {404: ("not_found", "Unknown route."), 405: ("method_not_allowed",
+             "Method not allowed."), 413: ("request_too_large", "The request body is too large.")}
+    code, message = codes.get(exc.status, ("http_error", exc.reason))
+    if exc.status == 404 and exc.text and "Not Found" not in exc.text:
+        message = exc.text
+    headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+    return errors.response(exc.status, message, code, headers=headers)
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    record = request.get(RECORD)
+    if record is not None:
+        response.headers["x-request-id"] = record.request_id
+
+
+# --------------------------------------------------------------------------- app
+
+
+def open_store(config: Config, metrics: Metrics) -> CapacityStore:
+    if config.store.url.startswith("memory"):
+        return MemoryStore()
+    from balancer.capacity.factory import create_store
+
+    return create_store(
+        config.store,
+        on_round_trip=lambda op: metrics.store_round_trips.labels(op).inc(),
+        on_degraded=lambda flag: metrics.store_degraded.set(1 if flag else 0),
+    )
+
+
+def client_keys(env: Mapping[str, str] = os.environ) -> tuple[bytes, ...]:
+    raw = env.get("BALANCER_API_KEYS", "")
+    return tuple(k.strip().encode() for k in raw.split(",") if k.strip())
+
+
+def create_app(config: Config, *, store: CapacityStore | None = None,
+               api_keys: tuple[bytes, ...] | None = None) -> web.Application:
+    metrics = Metrics()
+    rt = Runtime(config=config, store=store or open_store(config, metrics), metrics=metrics,
+                 api_keys=client_keys() if api_keys is None else api_keys)
+    app = web.Application(middlewares=[openai_errors],
+                          client_max_size=config.gateway.max_body_bytes)
+    app[RUNTIME] = rt
+    app[METRICS_RENDER] = make_aiohttp_handler(metrics.registry)
+    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_store_lifecycle)
+    app.on_response_prepare.append(add_request_id)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post(
+        r"/openai/deployments/{model}/{operation:chat/completions|completions|embeddings}",
+        azure)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/regions", regions)
+    app.router.add_get("/metrics", metrics_handler)
+    return app
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    rt = app[RUNTIME]
+    rt.session = upstream.new_session(rt.config.gateway.connect_timeout_seconds)
+    yield
+    await rt.session.close()
+
+
+async def _store_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    store = app[RUNTIME].store
+    start = getattr(store, "start", None)
+    if start is not None:
+        await start()
+    yield
+    await store.close()

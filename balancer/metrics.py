@@ -1,0 +1,70 @@
+"""Every Prometheus metric the gateway exports, in one place.
+
+Names are a contract with dashboards and alerts: prefix `balancer_`, base units
+(`_seconds`, `_tokens`), counters end in `_total`. Labels come from a small
+fixed set (model, region, status, reason, kind) so cardinality stays bounded:
+no request ids, no client keys. Each app owns its registry, so tests stay isolated.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "balancer_requests", "Client requests answered, by the region that served them "
+            "(\"none\" when no region did) and the HTTP status returned to the client.",
+            ["model", "region", "status"], registry=r)
+        self.upstream_latency = Histogram(
+            "balancer_upstream_latency_seconds", "Time from sending to a region until its "
+            "response headers arrived, per attempt.",
+            ["model", "region"], buckets=LATENCY_BUCKETS, registry=r)
+        self.time_to_first_token = Histogram(
+            "balancer_time_to_first_token_seconds", "Streams: time from sending to a region "
+            "until the first chunk arrived.",
+            ["model", "region"], buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_throttled = Counter(
+            "balancer_upstream_throttled", "429 answers received from regions.",
+            ["model", "region"], registry=r)
+        self.upstream_errors = Counter(
+            "balancer_upstream_errors", "Failed attempts at a region: 5xx, connect errors, "
+            "timeouts, broken streams.", ["model", "region", "reason"], registry=r)
+        self.tokens = Counter(
+            "balancer_tokens", "Tokens the regions reported in usage, by kind "
+            "(prompt, completion).", ["model", "region", "kind"], registry=r)
+        self.selections = Counter(
+            "balancer_selections", "Times a region was picked and reserved for an attempt.",
+            ["model", "region"], registry=r)
+        self.retries = Counter(
+            "balancer_retries", "Attempts retried on another region, by reason.",
+            ["model", "reason"], registry=r)
+        self.rejections = Counter(
+            "balancer_client_rejections", "Requests refused before reaching a region, by "
+            "reason (auth, bad_request, not_found, too_large, no_capacity).",
+            ["reason"], registry=r)
+        self.remaining_tokens = Gauge(
+            "balancer_remaining_tokens", "Tokens left in a region's bucket, read from the "
+            "store at scrape time.", ["model", "region"], registry=r)
+        self.capacity_tokens = Gauge(
+            "balancer_capacity_tokens", "A region's bucket size (its burst window of TPM).",
+            ["model", "region"], registry=r)
+        self.cooldown = Gauge(
+            "balancer_region_cooldown_seconds", "Seconds left before a cooled-down region "
+            "is used again (0 when usable).", ["model", "region"], registry=r)
+        self.circuit_open = Gauge(
+            "balancer_circuit_open", "1 while a region's circuit breaker is open, else 0.",
+            ["model", "region"], registry=r)
+        self.store_degraded = Gauge(
+            "balancer_store_degraded", "1 while the shared store is unreachable and this "
+            "replica serves from local buckets.", registry=r)
+        self.store_round_trips = Counter(
+            "balancer_store_round_trips", "Round trips to the shared capacity store, by "
+            "operation.", ["op"], registry=r)
+        self.in_flight = Gauge(
+            "balancer_in_flight_requests", "Client requests being served now.", registry=r)

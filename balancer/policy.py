@@ -1,0 +1,114 @@
+"""Selection policy: bucket math, weights and the weighted random choice.
+
+Pure functions with no I/O and no clock, so every store backend (the memory
+store here, the Lua script in Redis) applies exactly the same rules, and
+hypothesis can check them. The Lua script in `capacity/lua/acquire.lua` is a
+line-by-line port of `refill`, `admissible`, `wait_seconds` and `pick`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """One region's limits for one model, in tokens and requests."""
+
+    region: str
+    tokens_capacity: float  # bucket size: the burst window's worth of TPM
+    tokens_rate: float  # refill per second
+    requests_capacity: float
+    requests_rate: float
+    weight: float = 1.0
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """A region's bucket levels and cooldown at one instant (after refill)."""
+
+    tokens: float
+    requests: float
+    cooldown: float = 0.0  # seconds until the region may be used again
+
+
+def refill(level: float, elapsed: float, rate: float, capacity: float) -> float:
+    """Level after `elapsed` seconds. A level above capacity (the quota was lowered
+    by a reload) is clamped; a negative level (debt from an oversized request) refills."""
+    if elapsed > 0:
+        level += elapsed * rate
+    return min(level, capacity)
+
+
+def need(cost: float, capacity: float) -> float:
+    """Tokens a bucket must hold to admit `cost`. A request bigger than the whole bucket
+    is admitted from a full bucket and leaves it in debt, else it could never pass."""
+    return min(cost, capacity)
+
+
+def admissible(level: Level, cost: float, limits: Limits) -> bool:
+    return (
+        level.cooldown <= 0
+        and level.tokens >= need(cost, limits.tokens_capacity)
+        and level.requests >= need(1, limits.requests_capacity)
+    )
+
+
+def wait_seconds(level: Level, cost: float, limits: Limits) -> float:
+    """Seconds until `admissible` becomes true with no other traffic."""
+    wait = max(level.cooldown, 0.0)
+    short = need(cost, limits.tokens_capacity) - level.tokens
+    if short > 0:
+        wait = max(wait, short / limits.tokens_rate if limits.tokens_rate > 0 else math.inf)
+    short = need(1, limits.requests_capacity) - level.requests
+    if short > 0:
+        wait = max(wait, short / limits.requests_rate if limits.requests_rate > 0 else math.inf)
+    return wait
+
+
+def weight(level: Level, limits: Limits) -> float:
+    """Remaining capacity, scaled by the configured weight. The +1 keeps an admissible
+    region with an empty bucket (a zero-cost request) selectable."""
+    return (max(level.tokens, 0.0) + 1.0) * limits.weight
+
+
+def choose(weights: Sequence[float], r: float) -> int:
+    """Index picked with probability proportional to its weight, for r in [0, 1).
+    Zero weights are never picked; returns -1 when all weights are zero."""
+    total = sum(w for w in weights if w > 0)
+    if total <= 0:
+        return -1
+    target = r * total
+    last = -1
+    for i, w in enumerate(weights):
+        if w <= 0:
+            continue
+        last = i
+        target -= w
+        if target < 0:
+            return i
+    return last  # r close to 1 and float rounding
+
+
+def pick(limits: Sequence[Limits], levels: Sequence[Level], cost: float, r: float) -> int:
+    """The region to use: among the best priority tier with any admissible region,
+    a weighted random choice by remaining capacity. -1 if nothing can serve now."""
+    tiers = sorted({lim.priority for lim in limits})
+    for tier in tiers:
+        weights = [
+            weight(lev, lim) if lim.priority == tier and admissible(lev, cost, lim) else 0.0
+            for lim, lev in zip(limits, levels, strict=True)
+        ]
+        index = choose(weights, r)
+        if index >= 0:
+            return index
+    return -1
+
+
+def retry_after(limits: Sequence[Limits], levels: Sequence[Level], cost: float) -> float:
+    """Seconds until the earliest region could admit `cost` (refill or cooldown end)."""
+    waits = [wait_seconds(lev, cost, lim) for lim, lev in zip(limits, levels, strict=True)]
+    return min(waits, default=math.inf)

@@ -1,0 +1,132 @@
+"""HTTP to regions: URLs and auth per kind, the body each region needs, and the
+signals a region sends back (throttle wait, usage).
+
+One pooled `ClientSession` serves every region (keep-alive matters: a TLS
+handshake per request would cost more than the whole gateway).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+
+from balancer.config import Target
+from balancer.validate import ClientRequest
+
+DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+# Network-level failures worth trying another region for.
+TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, ConnectionError)
+
+
+def new_session(connect_timeout: float) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60,
+                                     ttl_dns_cache=300, enable_cleanup_closed=True)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None, connect=connect_timeout),
+        auto_decompress=True,
+        skip_auto_headers=("User-Agent",),
+        raise_for_status=False,
+    )
+
+
+def url(target: Target, operation: str) -> str:
+    region = target.region
+    if region.kind == "azure":
+        return (f"{region.endpoint}/openai/deployments/{target.deployment.deployment}/"
+                f"{operation}?api-version={region.api_version}")
+    return f"{region.endpoint}/{operation}"
+
+
+def headers(target: Target) -> dict[str, str]:
+    """Auth for the region's kind. Nothing of the client's headers is forwarded:
+    a client must not be able to choose the upstream key or URL."""
+    out = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+    key = target.region.api_key
+    if key is not None:
+        if target.region.kind == "azure":
+            out["api-key"] = key.reveal()
+        else:
+            out["Authorization"] = f"Bearer {key.reveal()}"
+    return out
+
+
+def body_for(target: Target, req: ClientRequest) -> bytes:
+    """The bytes to send: the client's own bytes unless the region needs a change.
+    Streams always ask for the final usage chunk, so the reservation settles on real
+    usage; OpenAI-kind regions need the model field to name their deployment."""
+    needs_usage = req.stream and not req.include_usage
+    needs_model = target.region.kind == "openai" and req.body.get("model") != (
+        target.deployment.deployment)
+    if not needs_usage and not needs_model:
+        return req.raw
+    if needs_usage and not needs_model and "stream_options" not in req.body:
+        # Splice instead of re-serialising: keeps the client's bytes (and is cheaper).
+        head = req.raw.rstrip()
+        if head.endswith(b"}"):
+            return head[:-1] + b',"stream_options":{"include_usage":true}}'
+    body = dict(req.body)
+    if needs_usage:
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    if needs_model:
+        body["model"] = target.deployment.deployment
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def throttle_seconds(h: Mapping[str, str], default: float) -> float:
+    """How long a 429 asks us to wait: retry-after-ms, else retry-after, else
+    x-ratelimit-reset-tokens/-requests, else the configured default."""
+    ms = _number(h.get("retry-after-ms"))
+    if ms is not None and ms >= 0:
+        return ms / 1000.0
+    seconds = _number(h.get("retry-after"))
+    if seconds is not None and seconds >= 0:
+        return seconds
+    resets = [_duration(h.get(name)) for name in
+              ("x-ratelimit-reset-tokens", "x-ratelimit-reset-requests")]
+    known = [r for r in resets if r is not None and r >= 0]
+    if known:
+        return max(known)
+    return default
+
+
+def _number(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value.strip())
+    except ValueError:
+        return None  # an HTTP-date Retry-After: rare from these services; use the fallbacks
+
+
+def _duration(value: str | None) -> float | None:
+    """`x-ratelimit-reset-*`: a plain number of seconds or a Go-style duration, '6m0s'."""
+    if value is None:
+        return None
+    plain = _number(value)
+    if plain is not None:
+        return plain
+    parts = DURATION.findall(value)
+    if not parts:
+        return None
+    return sum(float(n) * UNIT_SECONDS[u] for n, u in parts)
+
+
+def usage_of(payload: Any) -> tuple[int, int] | None:
+    """(prompt_tokens, completion_tokens) from a response or final stream chunk."""
+    if not isinstance(payload, dict):
+        return None
+    usage = payload.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens", 0) or 0
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return prompt, completion

@@ -1,0 +1,101 @@
+"""Parse and check a client's request body: only what the gateway needs.
+
+The body is forwarded as the client sent it (the upstream validates the rest),
+so this checks just the fields that drive routing and cost, and refuses with
+a precise 400 anything that would make the estimate meaningless.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from balancer.errors import ClientError
+
+MAX_TOKENS_LIMIT = 1_000_000  # above any model's context; bounds the debt one request can make
+
+
+@dataclass(slots=True)
+class ClientRequest:
+    operation: str  # "chat/completions" | "completions" | "embeddings"
+    model: str
+    body: dict[str, Any]
+    raw: bytes
+    stream: bool
+    include_usage: bool  # the client asked for the final usage chunk itself
+
+
+def _bad(message: str, param: str | None = None, code: str = "invalid_value") -> ClientError:
+    return ClientError(400, message, code, param=param)
+
+
+def parse(operation: str, raw: bytes, path_model: str | None) -> ClientRequest:
+    if not raw:
+        raise _bad("The request body is empty; send a JSON object.", code="invalid_json")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise _bad("The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise _bad("The request body must be a JSON object.", code="invalid_json")
+
+    model = path_model if path_model is not None else body.get("model")
+    if path_model is None:
+        if model is None:
+            raise _bad("you must provide a model parameter", "model", "missing_required_parameter")
+        if not isinstance(model, str) or not model:
+            raise _bad("'model' must be a non-empty string.", "model", "invalid_type")
+
+    if operation == "chat/completions":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _bad("'messages' must be a non-empty array.", "messages")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise _bad(f"'messages[{i}]' must be an object with a string 'role'.",
+                           f"messages[{i}]")
+            content = m.get("content")
+            if content is not None and not isinstance(content, str | list):
+                raise _bad(f"'messages[{i}].content' must be a string or an array.",
+                           f"messages[{i}].content")
+    elif operation == "completions":
+        if not _text_input(body.get("prompt")):
+            raise _bad("'prompt' must be a string or an array of strings or tokens.", "prompt")
+    elif operation == "embeddings":
+        if not _text_input(body.get("input")) or body.get("input") in ("", []):
+            raise _bad("'input' must be a non-empty string or array.", "input")
+
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is not None and (not _is_int(value) or not 1 <= value <= MAX_TOKENS_LIMIT):
+            raise _bad(f"'{name}' must be an integer between 1 and {MAX_TOKENS_LIMIT}.", name)
+    n = body.get("n")
+    if n is not None and (not _is_int(n) or not 1 <= n <= 128):
+        raise _bad("'n' must be an integer between 1 and 128.", "n")
+
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _bad("'stream' must be a boolean.", "stream", "invalid_type")
+    if stream and operation == "embeddings":
+        raise _bad("Embeddings cannot be streamed.", "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise _bad("'stream_options' must be an object.", "stream_options", "invalid_type")
+    include_usage = bool(options and options.get("include_usage") is True)
+    return ClientRequest(operation, model, body, raw, stream, include_usage)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _text_input(value: Any) -> bool:
+    if isinstance(value, str):
+        return True
+    if isinstance(value, list):
+        return all(isinstance(v, str) or _is_int(v) or
+                   (isinstance(v, list) and all(_is_int(t) for t in v)) for v in value)
+    return False
