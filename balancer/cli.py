@@ -16,6 +16,7 @@ from aiohttp import web
 from balancer import config as config_mod
 from balancer.config import Config, ConfigError
 from balancer.gateway import RUNTIME, create_app
+from balancer.simulator import SimConfig
 
 log = logging.getLogger("balancer")
 
@@ -63,9 +64,7 @@ def run_check(file: str | None, *, simulate: bool = False) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    models = cfg.models
-    print(f"{path}: OK: {len(cfg.regions)} regions, {len(models)} models "
-          f"({', '.join(f'{m}: {sum(t.deployment.tpm for t in ts):,} TPM' for m, ts in models.items())})")
+    print(f"{path}: OK: {len(cfg.regions)} regions; {_capacity_summary(cfg)}")
     return 0
 
 
@@ -92,9 +91,8 @@ async def _serve(cfg: Config, *, simulate: bool) -> int:
 
         sim_runner, sim_url = await simulator.start(embedded.simulator_config(cfg))
         cfg = embedded.with_simulated_endpoints(cfg, sim_url)
-        log.info("simulated regions at %s: %s", sim_url,
-                 ", ".join(f"{r.name} ({sum(d.tpm for d in r.deployments.values()):,} TPM)"
-                           for r in cfg.regions))
+        log.info("simulated regions at %s: %s", sim_url, ", ".join(r.name for r in cfg.regions))
+        log.info("capacity: %s", _capacity_summary(cfg))
     app = create_app(cfg)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=30.0)
     await runner.setup()
@@ -116,7 +114,18 @@ async def _serve(cfg: Config, *, simulate: bool) -> int:
     return 0
 
 
-async def _simulate(sim_config, host: str, port: int) -> int:  # noqa: ANN001
+def _capacity_summary(cfg: Config) -> str:
+    """Total TPM per model and priority tier, e.g. 'gpt-4: 520,000 TPM (+30,000 fallback)'."""
+    parts = []
+    for model, targets in cfg.models.items():
+        best = min(t.priority for t in targets)
+        main = sum(t.deployment.tpm for t in targets if t.priority == best)
+        rest = sum(t.deployment.tpm for t in targets if t.priority != best)
+        parts.append(f"{model}: {main:,} TPM" + (f" (+{rest:,} fallback)" if rest else ""))
+    return "; ".join(parts)
+
+
+async def _simulate(sim_config: SimConfig, host: str, port: int) -> int:
     from balancer import simulator
 
     runner, url = await simulator.start(sim_config, host=host, port=port)

@@ -167,7 +167,11 @@ def load(
 
 
 def parse(
-    text: str, file: str = "<string>", env: Mapping[str, str] = os.environ, *, simulate: bool = False
+    text: str,
+    file: str = "<string>",
+    env: Mapping[str, str] = os.environ,
+    *,
+    simulate: bool = False,
 ) -> Config:
     try:
         raw = yaml.safe_load(text)
@@ -211,7 +215,8 @@ class _Validator:
                 self.fail(path, f"keys must be strings, got {key!r}")
             elif key not in allowed:
                 hint = _closest(key, allowed)
-                self.fail(_join(path, key), "unknown key" + (f" (did you mean {hint!r}?)" if hint else ""))
+                suffix = f" (did you mean {hint!r}?)" if hint else ""
+                self.fail(_join(path, key), "unknown key" + suffix)
         return value
 
     def string(self, value: Any, path: str, *, required: bool = False, tolerate_env: bool = False

@@ -255,10 +255,11 @@ async def forward(request: web.Request, rt: Runtime, req: validate.ClientRequest
         except (*TRANSPORT_ERRORS, ValueError):
             usage = None
             body = b""
-        if usage is None and req.operation != "embeddings" or not body:
+        if usage is None:  # 200 with a body we cannot read: the region is broken
             await region_failed(rt, grant, "bad_response", refund=False)
             return Failure("bad_response", region, 502, b"")
         await settle(rt, req, estimate, grant, usage)
+        request[RECORD].prompt_tokens, request[RECORD].completion_tokens = usage
         await region_ok(rt, grant)
         return _relay(status, body, up, region)
 
