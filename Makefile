@@ -19,11 +19,11 @@ run: $(STAMP)
 
 ## Run the whole suite (lint first: it takes a second).
 test: $(STAMP)
-	$(BIN)/ruff check balancer tests
+	$(BIN)/ruff check balancer tests bench
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check balancer tests
+	$(BIN)/ruff check balancer tests bench
 	$(BIN)/ruff format --check balancer tests
 
 ## Validate regions.yaml (endpoint/key variables may be unset: --simulate).

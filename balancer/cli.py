@@ -53,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         return run_check(args.file, simulate=args.simulate)
     if args.command == "simulate":
-        return asyncio.run(_simulate(simulator.config_from_args(args), args.host, args.port))
+        try:
+            sim_config = simulator.config_from_args(args)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        return asyncio.run(_simulate(sim_config, args.host, args.port))
     return run_serve(args)
 
 

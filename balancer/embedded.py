@@ -13,14 +13,16 @@ def sim_key(region: str) -> str:
     return f"sim-key-{region}"
 
 
-def simulator_config(config: Config, *, seed: int | None = None, **knobs: float) -> SimConfig:
+def simulator_config(config: Config, *, seed: int | None = None, keyed: bool = True,
+                     **knobs: float) -> SimConfig:
     """The simulated twin of each region: same deployment names and limits, and the
-    same burst windows as the gateway's buckets (Azure: ~10 s for tokens, 1 s for requests)."""
+    same burst windows as the gateway's buckets (Azure: ~10 s for tokens, 1 s for requests).
+    `keyed`: each region requires `sim_key(name)`; otherwise any key is accepted."""
     regions = [
         SimRegion(
             name=r.name,
             deployments=[SimDeployment(d.deployment, d.tpm, d.rpm) for d in _unique(r)],
-            api_key=sim_key(r.name),
+            api_key=sim_key(r.name) if keyed else None,
             **knobs,
         )
         for r in config.regions

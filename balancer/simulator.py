@@ -208,6 +208,30 @@ class _Stats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     peak_window_tokens: int = 0  # most estimated tokens admitted within one simulated minute
+    # what clients sent, admitted or not: shows a gateway overshooting a region's quota
+    offered_tokens: int = 0
+    peak_window_offered_tokens: int = 0
+
+
+class _Window:
+    """Tokens within a sliding window of `seconds` (one simulated minute)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.entries: deque[tuple[float, int]] = deque()
+        self.total = 0
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.total = 0
+
+    def add(self, tokens: int, now: float) -> int:
+        """Record `tokens` at `now`; returns the window's total."""
+        self.entries.append((now, tokens))
+        self.total += tokens
+        while self.entries and self.entries[0][0] <= now - self.seconds:
+            self.total -= self.entries.popleft()[1]
+        return self.total
 
 
 class _Deployment:
@@ -227,8 +251,8 @@ class _Deployment:
             now,
         )
         self.window_seconds = 60 / config.time_scale
-        self.window: deque[tuple[float, int]] = deque()
-        self.window_tokens = 0
+        self.window = _Window(self.window_seconds)
+        self.offered = _Window(self.window_seconds)
         self.stats = _Stats()
         self.reset(now)
 
@@ -236,13 +260,17 @@ class _Deployment:
         for bucket in (self.tokens, self.requests):
             bucket.level, bucket.updated = bucket.capacity, now
         self.window.clear()
-        self.window_tokens = 0
+        self.offered.clear()
         self.stats = _Stats()
 
     def admit(self, charge: int, now: float) -> float:
         """Charge the request and return 0, or return the real seconds until it would fit."""
         self.tokens.advance(now)
         self.requests.advance(now)
+        self.stats.offered_tokens += charge
+        self.stats.peak_window_offered_tokens = max(
+            self.stats.peak_window_offered_tokens, self.offered.add(charge, now)
+        )
         need = min(charge, self.tokens.capacity)  # a request bigger than the bucket needs it full
         if self.tokens.level + 1e-9 >= need and self.requests.level + 1e-9 >= 1:
             self.tokens.level -= charge  # may go negative: the overdraft delays later requests
@@ -254,11 +282,9 @@ class _Deployment:
     def _record(self, charge: int, now: float) -> None:
         self.stats.admitted += 1
         self.stats.admitted_tokens += charge
-        self.window.append((now, charge))
-        self.window_tokens += charge
-        while self.window and self.window[0][0] <= now - self.window_seconds:
-            self.window_tokens -= self.window.popleft()[1]
-        self.stats.peak_window_tokens = max(self.stats.peak_window_tokens, self.window_tokens)
+        self.stats.peak_window_tokens = max(
+            self.stats.peak_window_tokens, self.window.add(charge, now)
+        )
 
     def snapshot(self, now: float) -> dict[str, Any]:
         self.tokens.advance(now)
@@ -765,7 +791,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument(
-        "--time-scale", type=float, default=1.0, help="10: a simulated minute lasts 6 s"
+        "--time-scale",
+        type=float,
+        default=None,
+        help="10: a simulated minute lasts 6 s (default 1, or the config's gateway.time_scale)",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="simulate the regions of this regions.yaml (same TPM/RPM) instead of the reference",
     )
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--regions", choices=["reference"], default="reference")
@@ -778,6 +812,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
+    if args.config:
+        from balancer import config as config_mod
+        from balancer import embedded
+
+        cfg = config_mod.load(args.config, simulate=True)
+        sim = embedded.simulator_config(
+            cfg,
+            seed=args.seed,
+            keyed=False,
+            latency_base_ms=args.latency_base_ms,
+            latency_per_token_ms=args.latency_per_token_ms,
+        )
+        if args.time_scale is not None:
+            sim = replace(sim, time_scale=args.time_scale)
+        return sim
     regions = reference_regions(
         args.deployment,
         api_key=args.api_key,
@@ -786,7 +835,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     )
     return SimConfig(
         regions,
-        time_scale=args.time_scale,
+        time_scale=args.time_scale or 1.0,
         token_window_seconds=args.token_window_seconds,
         default_max_tokens=args.default_max_tokens,
         seed=args.seed,
