@@ -53,7 +53,7 @@ class Procs:
 
     def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None
               ) -> subprocess.Popen[bytes]:
-        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives with the process
+        log = open(self.workdir / f"{name}.log", "wb")
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                 env={**os.environ, **(env or {})})
         self.procs.append(proc)

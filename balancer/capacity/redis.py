@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Sequence
+from functools import cache
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -40,6 +41,7 @@ Client = Redis | RedisCluster
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
+@cache
 def _script(name: str, *, prelude: bool = True) -> str:
     lua = resources.files("balancer.capacity") / "lua"
     body = (lua / f"{name}.lua").read_text(encoding="utf-8")
@@ -87,6 +89,7 @@ class RedisStore:
         self.name = name or ("redis-cluster" if isinstance(client, RedisCluster) else "redis")
         self.prefix = key_prefix
         self.ttl = int(key_ttl_seconds)
+        self._ttl = str(self.ttl)
         self.timeout = timeout_seconds
         self._round_trip = on_round_trip or (lambda op: None)
         # register_script: EVALSHA, and on NOSCRIPT a SCRIPT LOAD then EVALSHA again. On
@@ -97,7 +100,7 @@ class RedisStore:
         self._snapshot = client.register_script(_script("snapshot"))
         self._heartbeat = client.register_script(_script("heartbeat", prelude=False))
         self._replica_ttl = 10.0  # the ttl of the last heartbeat, for replicas()
-        self._limit_args: dict[Limits, tuple[str, ...]] = {}
+        self._limit_args: dict[Limits, str] = {}
 
     @classmethod
     def from_config(
@@ -118,21 +121,24 @@ class RedisStore:
     def replicas_key(self) -> str:
         return f"{self.prefix}:{{replicas}}"
 
-    def _limits(self, limits: Limits) -> tuple[str, ...]:
-        args = self._limit_args.get(limits)
-        if args is None:
+    def _limits(self, limits: Limits) -> str:
+        """The Lua side's `parse_limits` text for one region (cached: Limits are frozen)."""
+        text = self._limit_args.get(limits)
+        if text is None:
             if len(self._limit_args) > 4096:  # config reloads create new Limits
                 self._limit_args.clear()
-            args = (
-                _num(limits.tokens_capacity),
-                _num(limits.tokens_rate),
-                _num(limits.requests_capacity),
-                _num(limits.requests_rate),
-                _num(limits.weight),
-                str(int(limits.priority)),
+            text = " ".join(
+                (
+                    _num(limits.tokens_capacity),
+                    _num(limits.tokens_rate),
+                    _num(limits.requests_capacity),
+                    _num(limits.requests_rate),
+                    _num(limits.weight),
+                    str(int(limits.priority)),
+                )
             )
-            self._limit_args[limits] = args
-        return args
+            self._limit_args[limits] = text
+        return text
 
     async def acquire(
         self,
@@ -145,9 +151,7 @@ class RedisStore:
         usable = [c for c in candidates if c.region not in exclude]
         if not usable:
             return Wait(math.inf)  # policy.retry_after of nothing, as MemoryStore
-        args = [_num(cost), _num(r), str(self.ttl)]
-        for c in usable:
-            args.extend(self._limits(c))
+        args = (_num(cost), _num(r), self._ttl, " ".join([self._limits(c) for c in usable]))
         self._round_trip("acquire")
         index, extra = await self._acquire(
             keys=[self.key(model, c.region) for c in usable], args=args
@@ -160,7 +164,7 @@ class RedisStore:
         self._round_trip(op)
         return await self._region(
             keys=[self.key(model, limits.region)],
-            args=[op, str(self.ttl), *self._limits(limits), *extra],
+            args=[op, self._ttl, self._limits(limits), *extra],
         )
 
     async def settle(self, grant: Grant, actual_tokens: int) -> None:
@@ -183,17 +187,17 @@ class RedisStore:
     async def record_success(self, model: str, limits: Limits) -> None:
         self._round_trip("record_success")
         await self._region(
-            keys=[self.key(model, limits.region)], args=["record_success", str(self.ttl)]
+            keys=[self.key(model, limits.region)], args=["record_success", self._ttl]
         )
 
     async def snapshot(self, model: str, candidates: Sequence[Limits]) -> list[RegionState]:
         if not candidates:
             return []
-        args: list[str] = []
-        for c in candidates:
-            args.extend(self._limits(c))
         self._round_trip("snapshot")
-        raw = await self._snapshot(keys=[self.key(model, c.region) for c in candidates], args=args)
+        raw = await self._snapshot(
+            keys=[self.key(model, c.region) for c in candidates],
+            args=[" ".join([self._limits(c) for c in candidates])],
+        )
         out = []
         for i, c in enumerate(candidates):
             tokens, requests, cooldown, failures, tripped = raw[i * 5 : i * 5 + 5]

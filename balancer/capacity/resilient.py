@@ -81,6 +81,7 @@ class ResilientStore:
         self._replicas = 1  # until a heartbeat says otherwise: alone, take it all
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._joined = False  # a heartbeat registered this replica
 
     @property
     def degraded(self) -> bool:
@@ -113,7 +114,7 @@ class ResilientStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if not self._degraded:
+        if self._joined and not self._degraded:
             with contextlib.suppress(*FAILURES):
                 async with asyncio.timeout(self._deadline):
                     await self.shared.leave(self.replica_id)
@@ -162,6 +163,7 @@ class ResilientStore:
                 self._degrade("heartbeat", exc)
             return False
         self._replicas = max(1, count)
+        self._joined = True
         return True
 
     async def _background(self) -> None:

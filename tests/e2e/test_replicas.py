@@ -69,8 +69,8 @@ def run_scenario(procs: Procs, tmp_path: Path, store_url: str, *,
     for i in range(CLIENTS):
         out = tmp_path / f"client-{i}.json"
         args = [PYTHON, "-m", "bench.loadgen", "--rate", f"{rate:.3f}", "--duration",
-                str(DURATION), "--prompt-tokens", "%d:%d" % PROMPT, "--max-tokens",
-                "%d:%d" % MAX_TOKENS, "--stream-fraction", "0.2", "--seed", str(i),
+                str(DURATION), "--prompt-tokens", "{}:{}".format(*PROMPT), "--max-tokens",
+                "{}:{}".format(*MAX_TOKENS), "--stream-fraction", "0.2", "--seed", str(i),
                 "--out", str(out)]
         for url in gateways[i:] + gateways[:i]:
             args += ["--target", url]

@@ -32,13 +32,9 @@ from balancer.policy import Limits
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
 
-BACKENDS = [
-    pytest.param("memory", id="memory"),
-    pytest.param("fakeredis", id="fakeredis"),
-    pytest.param("redis", id="redis", marks=pytest.mark.redis),
-    pytest.param("cluster", id="cluster", marks=pytest.mark.redis_cluster),
-]
-REDIS_BACKENDS = [p for p in BACKENDS if p.values[0] != "memory"]
+BACKENDS = ["memory", "fakeredis", "redis", "cluster"]
+REDIS_BACKENDS = BACKENDS[1:]
+MARKS = {"redis": "redis", "cluster": "redis_cluster"}  # added to items by backend
 
 SLOW = 1e-9  # a refill rate that stays negligible over any test
 
@@ -46,6 +42,20 @@ SLOW = 1e-9  # a refill rate that stays negligible over any test
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "redis: needs a redis-server (started if absent)")
     config.addinivalue_line("markers", "redis_cluster: needs a 3-node Redis Cluster it starts")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each backend's tests (`-m "not redis_cluster"` skips the cluster), here
+    rather than in pytest.param: this conftest's markers are not registered yet
+    while it is imported."""
+    here = Path(__file__).parent
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is None or here not in item.path.parents:
+            continue
+        for value in callspec.params.values():
+            if isinstance(value, str) and value in MARKS:
+                item.add_marker(MARKS[value])
 
 
 def lim(
@@ -100,9 +110,22 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         assert REDIS_SERVER is not None
-        cmd = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-               "--appendonly", "no", "--dir", self.workdir,
-               "--logfile", f"{self.workdir}/redis-{self.port}.log", *self.args]
+        cmd = [
+            REDIS_SERVER,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self.workdir,
+            "--logfile",
+            f"{self.workdir}/redis-{self.port}.log",
+            *self.args,
+        ]
         if self.password:
             cmd += ["--requirepass", self.password]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -168,12 +191,31 @@ def cluster_url() -> Iterator[str]:
         try:
             for _ in range(3):
                 port = free_port()
-                servers.append(RedisServer(
-                    port, tmp, "--cluster-enabled", "yes",
-                    "--cluster-config-file", f"{tmp}/nodes-{port}.conf").start())
+                servers.append(
+                    RedisServer(
+                        port,
+                        tmp,
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        f"{tmp}/nodes-{port}.conf",
+                    ).start()
+                )
             nodes = [f"127.0.0.1:{s.port}" for s in servers]
-            subprocess.run([REDIS_CLI, "--cluster", "create", *nodes, "--cluster-replicas", "0",
-                            "--cluster-yes"], check=True, capture_output=True, timeout=30)
+            subprocess.run(
+                [
+                    REDIS_CLI,
+                    "--cluster",
+                    "create",
+                    *nodes,
+                    "--cluster-replicas",
+                    "0",
+                    "--cluster-yes",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
             deadline = time.monotonic() + 20
             while not all(s.client().cluster("info")["cluster_state"] == "ok" for s in servers):
                 if time.monotonic() > deadline:
@@ -233,8 +275,12 @@ class Backends:
             store: CapacityStore = MemoryStore()
         else:
             prefix = f"t{uuid.uuid4().hex[:12]}" if fresh else self.prefix
-            store = RedisStore(self.client(new=new_client), key_prefix=prefix,
-                               key_ttl_seconds=key_ttl_seconds, on_round_trip=on_round_trip)
+            store = RedisStore(
+                self.client(new=new_client),
+                key_prefix=prefix,
+                key_ttl_seconds=key_ttl_seconds,
+                on_round_trip=on_round_trip,
+            )
         self.stores.append(store)
         return store
 

@@ -1,19 +1,19 @@
 -- Select and reserve in one round trip: refill every candidate region's buckets, pick
 -- one with policy.pick (lib.lua) using the caller's random number, reserve there.
 -- KEYS[i]   the bucket of candidate i (all share the model's hash tag: one slot)
--- ARGV      cost, r, ttl, then 6 limits per candidate (see limits_at)
+-- ARGV      cost, r, ttl, the candidates' limits (see parse_limits)
 -- Returns   {i, failures} with the 1-based index reserved and that region's consecutive
 --           failures (a success only needs record_success when > 0), or {0, retry_after}.
 
 local cost = tonumber(ARGV[1])
 local r = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
+local limits = parse_limits(ARGV[4])
 local n = #KEYS
 local now = clock()
 
-local limits, buckets, levels = {}, {}, {}
+local buckets, levels = {}, {}
 for i = 1, n do
-  limits[i] = limits_at(4 + (i - 1) * 6)
   buckets[i] = load(KEYS[i], limits[i], now)
   levels[i] = level_of(buckets[i], now)
 end

@@ -111,17 +111,25 @@ local function clock()
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 
--- Limits from ARGV[i .. i+5]: tokens_capacity, tokens_rate, requests_capacity,
--- requests_rate, weight, priority.
-local function limits_at(i)
-  return {
-    tokens_capacity = tonumber(ARGV[i]),
-    tokens_rate = tonumber(ARGV[i + 1]),
-    requests_capacity = tonumber(ARGV[i + 2]),
-    requests_rate = tonumber(ARGV[i + 3]),
-    weight = tonumber(ARGV[i + 4]),
-    priority = tonumber(ARGV[i + 5]),
-  }
+-- Limits travel as one string per call, six numbers per region (tokens_capacity,
+-- tokens_rate, requests_capacity, requests_rate, weight, priority) separated by
+-- spaces: one argument instead of six per region keeps the client's packing cheap.
+local function parse_limits(text)
+  local nums, out = {}, {}
+  for word in string.gmatch(text, '%S+') do
+    nums[#nums + 1] = tonumber(word)
+  end
+  for i = 1, #nums, 6 do
+    out[#out + 1] = {
+      tokens_capacity = nums[i],
+      tokens_rate = nums[i + 1],
+      requests_capacity = nums[i + 2],
+      requests_rate = nums[i + 3],
+      weight = nums[i + 4],
+      priority = nums[i + 5],
+    }
+  end
+  return out
 end
 
 -- The bucket refilled up to `now`; a missing (new or expired) bucket starts full.

@@ -1,6 +1,6 @@
 -- One write to one region's bucket, refilled first as policy.refill does.
 -- KEYS[1]  the bucket
--- ARGV     op, ttl, then for every op but record_success the 6 limits (see limits_at), then:
+-- ARGV     op, ttl, then for every op but record_success the limits (see parse_limits) and:
 --   settle           delta    tokens to charge (actual - reserved; negative refunds)
 --   cooldown         seconds
 --   record_failure   threshold, open_seconds
@@ -14,30 +14,29 @@ local now = clock()
 
 if op == 'record_success' then
   -- Close the circuit; an unknown region has nothing to reset (and needs no key).
-  local v = redis.call('HMGET', key, 'failures', 'tripped')
+  local v = redis.call('HMGET', key, 'failures', 'tripped', 'cooldown_until')
   if (tonumber(v[1]) or 0) ~= 0 or (tonumber(v[2]) or 0) ~= 0 then
     redis.call('HSET', key, 'failures', '0', 'tripped', '0')
-    local cu = tonumber(redis.call('HGET', key, 'cooldown_until')) or 0
-    expire(key, { cooldown_until = cu }, now, ttl)
+    expire(key, { cooldown_until = tonumber(v[3]) or 0 }, now, ttl)
   end
   return 0
 end
 
-local lim = limits_at(3)
+local lim = parse_limits(ARGV[3])[1]
 local b = load(key, lim, now)
 local result = 0
 
 if op == 'settle' then
   -- A refund never fills the bucket beyond capacity.
-  b.tokens = math.min(b.tokens - tonumber(ARGV[9]), lim.tokens_capacity)
+  b.tokens = math.min(b.tokens - tonumber(ARGV[4]), lim.tokens_capacity)
 elseif op == 'cooldown' then
-  b.cooldown_until = math.max(b.cooldown_until, now + tonumber(ARGV[9]))
+  b.cooldown_until = math.max(b.cooldown_until, now + tonumber(ARGV[4]))
   b.tokens = math.min(b.tokens, 0.0) -- the region told us it is empty
 elseif op == 'record_failure' then
   b.failures = b.failures + 1
-  if b.failures >= tonumber(ARGV[9]) then
+  if b.failures >= tonumber(ARGV[4]) then
     b.tripped = 1
-    b.cooldown_until = math.max(b.cooldown_until, now + tonumber(ARGV[10]))
+    b.cooldown_until = math.max(b.cooldown_until, now + tonumber(ARGV[5]))
     result = 1
   end
 else

@@ -1,11 +1,12 @@
 -- Read every candidate region of a model, refilled to now, without writing.
--- KEYS[i]  the bucket of candidate i;  ARGV  6 limits per candidate (see limits_at)
+-- KEYS[i]  the bucket of candidate i;  ARGV[1]  their limits (see parse_limits)
 -- Returns  5 strings per candidate: tokens, requests, cooldown seconds, failures, tripped.
 
+local limits = parse_limits(ARGV[1])
 local now = clock()
 local out = {}
 for i = 1, #KEYS do
-  local b = load(KEYS[i], limits_at(1 + (i - 1) * 6), now)
+  local b = load(KEYS[i], limits[i], now)
   local level = level_of(b, now)
   out[#out + 1] = fmt(level.tokens)
   out[#out + 1] = fmt(level.requests)
