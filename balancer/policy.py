@@ -2,8 +2,8 @@
 
 Pure functions with no I/O and no clock, so every store backend (the memory
 store here, the Lua script in Redis) applies exactly the same rules, and
-hypothesis can check them. The Lua script in `capacity/lua/acquire.lua` is a
-line-by-line port of `refill`, `admissible`, `wait_seconds` and `pick`.
+hypothesis can check them. `capacity/lua/lib.lua` is a line-by-line port of
+`refill`, `admissible`, `wait_seconds` and `pick`, for the Redis store.
 """
 
 from __future__ import annotations
@@ -78,7 +78,10 @@ def weight(level: Level, limits: Limits) -> float:
 def choose(weights: Sequence[float], r: float) -> int:
     """Index picked with probability proportional to its weight, for r in [0, 1).
     Zero weights are never picked; returns -1 when all weights are zero."""
-    total = sum(w for w in weights if w > 0)
+    total = 0.0
+    for w in weights:  # left to right, as the Lua port adds (3.12's sum() compensates)
+        if w > 0:
+            total += w
     if total <= 0:
         return -1
     target = r * total

@@ -34,7 +34,8 @@ REDIS_CLI = shutil.which("redis-cli")
 
 BACKENDS = ["memory", "fakeredis", "redis", "cluster"]
 REDIS_BACKENDS = BACKENDS[1:]
-MARKS = {"redis": "redis", "cluster": "redis_cluster"}  # added to items by backend
+# Marks added to each backend's items: `-m "not redis"` runs without any server.
+MARKS = {"redis": ("redis",), "cluster": ("redis", "redis_cluster")}
 
 SLOW = 1e-9  # a refill rate that stays negligible over any test
 
@@ -45,17 +46,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark each backend's tests (`-m "not redis_cluster"` skips the cluster), here
-    rather than in pytest.param: this conftest's markers are not registered yet
-    while it is imported."""
+    """Mark each backend's tests here rather than in pytest.param: this conftest's
+    markers are not registered yet while it is imported."""
     here = Path(__file__).parent
     for item in items:
         callspec = getattr(item, "callspec", None)
         if callspec is None or here not in item.path.parents:
             continue
         for value in callspec.params.values():
-            if isinstance(value, str) and value in MARKS:
-                item.add_marker(MARKS[value])
+            for mark in MARKS.get(value, ()) if isinstance(value, str) else ():
+                item.add_marker(mark)
 
 
 def lim(
@@ -269,7 +269,7 @@ class Backends:
         fresh: bool = False,
         new_client: bool = False,
         on_round_trip: Callable[[str], None] | None = None,
-        key_ttl_seconds: int = 3600,
+        key_ttl_seconds: int = 60,  # test keys on a shared server soon vanish
     ) -> CapacityStore:
         if self.backend == "memory":
             store: CapacityStore = MemoryStore()
