@@ -9,11 +9,14 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 
 from aiohttp import web
 
 from balancer import config as config_mod
+from balancer import logs, reload
 from balancer.config import Config, ConfigError
 from balancer.gateway import RUNTIME, create_app
 from balancer.simulator import SimConfig
@@ -48,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     simulator.add_arguments(simulate)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.setup(args.log_level)
     if args.command == "check":
         return run_check(args.file, simulate=args.simulate)
     if args.command == "simulate":
@@ -90,32 +92,53 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(cfg: Config, *, simulate: bool) -> int:
+    """Serve until SIGTERM/SIGINT, then drain: readiness fails first, in-flight requests
+    and streams get `drain_timeout_seconds` to finish, and the exit status is 0.
+    SIGHUP reloads the config file (so does a change of its contents)."""
     sim_runner = None
+    rewrite: Callable[[Config], Config] = lambda c: c  # noqa: E731
     if simulate:
         from balancer import embedded, simulator
 
         sim_runner, sim_url = await simulator.start(embedded.simulator_config(cfg))
-        cfg = embedded.with_simulated_endpoints(cfg, sim_url)
+        rewrite = partial(embedded.with_simulated_endpoints, base_url=sim_url)
         log.info("simulated regions at %s: %s", sim_url, ", ".join(r.name for r in cfg.regions))
-        log.info("capacity: %s", _capacity_summary(cfg))
-    app = create_app(cfg)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=30.0)
+    log.info("capacity: %s", _capacity_summary(cfg))
+    overrides = (cfg.listen, cfg.gateway.time_scale)
+
+    def load() -> Config:
+        new = config_mod.load(cfg.source, simulate=simulate)
+        new = replace(new, listen=overrides[0],
+                      gateway=replace(new.gateway, time_scale=overrides[1]))
+        return rewrite(new)
+
+    app = create_app(rewrite(cfg))
+    reload.install(app, cfg.source, load)
+    gw = cfg.gateway
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=gw.drain_timeout_seconds)
     await runner.setup()
     site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port, reuse_address=True)
     await site.start()
     log.info("balancer listening on http://%s:%d (store %s, config %s)", cfg.listen.host,
              cfg.listen.port, app[RUNTIME].store.name, cfg.source)
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(
+        app[reload.RELOADER].reload("SIGHUP")))
     await stop.wait()
-    log.info("shutting down")
-    app[RUNTIME].draining = True
-    await runner.cleanup()
+
+    rt = app[RUNTIME]
+    rt.draining = True  # /readyz answers 503 from now on
+    log.info("draining: readiness off, %d requests in flight, up to %.0f s",
+             rt.in_flight, rt.config.gateway.drain_timeout_seconds)
+    await asyncio.sleep(rt.config.gateway.shutdown_delay_seconds)
+    await runner.cleanup()  # stops listening, waits for in-flight handlers, then closes
     if sim_runner is not None:
         await sim_runner.cleanup()
+    log.info("stopped")
     return 0
 
 

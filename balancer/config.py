@@ -88,6 +88,9 @@ class GatewayConfig:
     settle: str = "quota"
     time_scale: float = 1.0  # >1 compresses time for simulations: 10 makes a minute last 6 s
     expose_regions: bool = True
+    reload_poll_seconds: float = 2.0  # how often regions.yaml is checked for changes; 0: never
+    drain_timeout_seconds: float = 30.0  # on SIGTERM, how long in-flight requests may finish
+    shutdown_delay_seconds: float = 0.0  # on SIGTERM, readiness fails this long before draining
 
 
 @dataclass(frozen=True)
@@ -359,6 +362,9 @@ class _Validator:
             time_scale=num("time_scale", exclusive=True),
             expose_regions=self.boolean(m.get("expose_regions"), _join(path, "expose_regions"),
                                         d.expose_regions),
+            reload_poll_seconds=num("reload_poll_seconds"),
+            drain_timeout_seconds=num("drain_timeout_seconds"),
+            shutdown_delay_seconds=num("shutdown_delay_seconds"),
         )
 
     def regions(self, raw: Any, path: str) -> tuple[Region, ...]:

@@ -92,9 +92,14 @@ class Runtime:
     session: aiohttp.ClientSession | None = None
     routes: dict[str, ModelRoute] = field(default_factory=dict)
     draining: bool = False
+    in_flight: int = 0
 
     def __post_init__(self) -> None:
         self.routes = build_routes(self.config)
+
+    def apply(self, config: Config) -> None:
+        """Switch to a new config (a reload): both fields at once, no await between."""
+        self.routes, self.config = build_routes(config), config
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -146,16 +151,18 @@ async def proxy(request: web.Request, operation: str, path_model: str | None
     rt = request.app[RUNTIME]
     record: Record = request[RECORD]
     authorize(request, rt)
-    raw = await read_body(request)
+    raw = await read_body(request, rt.config.gateway.max_body_bytes)
     req = validate.parse(operation, raw, path_model)
     record.model = req.model
-    route = rt.routes.get(req.model)
+    config, routes = rt.config, rt.routes  # this request keeps them, whatever a reload does
+    route = routes.get(req.model)
     if route is None:
         raise ClientError(404, f"The model '{req.model}' does not exist or you do not have "
                           "access to it.", "model_not_found", param="model", reason="not_found")
     estimate = cost.estimate(operation, req.body, route.default_max_tokens)
+    call = Call(rt, request, req, estimate, config.gateway, record)
 
-    gw = rt.config.gateway
+    gw = call.gw
     loop = asyncio.get_running_loop()
     deadline = loop.time() + gw.deadline_seconds
     tried: set[str] = set()
@@ -173,17 +180,29 @@ async def proxy(request: web.Request, operation: str, path_model: str | None
             break
         if failure is not None:
             rt.metrics.retries.labels(req.model, failure.reason).inc()
-        target = route.targets[grant.region]
         tried.add(grant.region)
         record.attempts, record.region = attempt, grant.region
         rt.metrics.selections.labels(req.model, grant.region).inc()
-        outcome = await forward(request, rt, req, estimate, grant, target, remaining)
+        outcome = await forward(call, grant, route.targets[grant.region], remaining)
         if isinstance(outcome, web.StreamResponse):
             return outcome
         failure = outcome
     if failure is None:  # the deadline passed before any attempt
         return errors.no_capacity(req.model, gw.default_cooldown_seconds)
     return failure.response()
+
+
+@dataclass(slots=True)
+class Call:
+    """One client request on its way: what every step of its path needs. `gw` is the
+    config as it was when the request arrived, so a reload never changes it midway."""
+
+    rt: Runtime
+    request: web.Request
+    req: validate.ClientRequest
+    estimate: cost.Estimate
+    gw: GatewayConfig
+    record: Record
 
 
 @dataclass
@@ -207,24 +226,24 @@ class Failure:
                                self.reason, type_="upstream_error", headers=headers)
 
 
-async def forward(request: web.Request, rt: Runtime, req: validate.ClientRequest,
-                  estimate: cost.Estimate, grant: Grant, target: Target, remaining: float
+async def forward(call: Call, grant: Grant, target: Target, remaining: float
                   ) -> web.StreamResponse | Failure:
     """One attempt at one region: a final response, or a Failure to retry elsewhere."""
-    gw, m, store = rt.config.gateway, rt.metrics, rt.store
+    gw, m, store, req = call.gw, call.rt.metrics, call.rt.store, call.req
     model, region = req.model, grant.region
     timeout = aiohttp.ClientTimeout(total=None, connect=min(gw.connect_timeout_seconds, remaining),
                                     sock_read=min(gw.read_timeout_seconds, remaining))
-    assert rt.session is not None
+    session = call.rt.session
+    assert session is not None
     sent = time.perf_counter()
     try:
-        up = await rt.session.post(upstream.url(target, req.operation),
-                                   data=upstream.body_for(target, req),
-                                   headers=upstream.headers(target), timeout=timeout)
+        up = await session.post(upstream.url(target, req.operation),
+                                data=upstream.body_for(target, req),
+                                headers=upstream.headers(target), timeout=timeout)
     except TRANSPORT_ERRORS as exc:
         reason = "timeout" if isinstance(exc, TimeoutError) else "connect"
         # A timed-out request may still be running upstream: keep its reservation.
-        await region_failed(rt, grant, reason, refund=reason == "connect")
+        await region_failed(call, grant, reason, refund=reason == "connect")
         return Failure(reason, region, 504 if reason == "timeout" else 502, b"")
     m.upstream_latency.labels(model, region).observe(time.perf_counter() - sent)
 
@@ -240,50 +259,48 @@ async def forward(request: web.Request, rt: Runtime, req: validate.ClientRequest
         if status >= 500 or status in (401, 403, 404, 408):
             # 401/403/404 mean this region is misconfigured, not that the request is bad.
             body = await _read_quietly(up)
-            await region_failed(rt, grant, f"status_{status // 100}xx", refund=True)
+            await region_failed(call, grant, f"status_{status // 100}xx", refund=True)
             return Failure(f"status_{status // 100}xx", region, status, body)
         if status >= 400:  # the request itself is wrong: the same answer everywhere
             body = await _read_quietly(up)
             await store.settle(grant, 0)
-            await region_ok(rt, grant)
+            await region_ok(call, grant)
             return _relay(status, body, up, region)
         if req.stream and up.content_type == "text/event-stream":
-            return await relay_stream(request, rt, req, estimate, grant, up, sent)
+            return await relay_stream(call, grant, up, sent)
         try:
             body = await up.read()
             usage = upstream.usage_of(json.loads(body))
         except (*TRANSPORT_ERRORS, ValueError):
             usage = None
-            body = b""
         if usage is None:  # 200 with a body we cannot read: the region is broken
-            await region_failed(rt, grant, "bad_response", refund=False)
+            await region_failed(call, grant, "bad_response", refund=False)
             return Failure("bad_response", region, 502, b"")
-        await settle(rt, req, estimate, grant, usage)
-        request[RECORD].prompt_tokens, request[RECORD].completion_tokens = usage
-        await region_ok(rt, grant)
+        await settle(call, grant, usage)
+        await region_ok(call, grant)
         return _relay(status, body, up, region)
 
 
-async def relay_stream(request: web.Request, rt: Runtime, req: validate.ClientRequest,
-                       estimate: cost.Estimate, grant: Grant, up: aiohttp.ClientResponse,
-                       sent: float) -> web.StreamResponse | Failure:
+async def relay_stream(call: Call, grant: Grant, up: aiohttp.ClientResponse, sent: float
+                       ) -> web.StreamResponse | Failure:
     """Relay SSE chunk by chunk. Until the first chunk arrives nothing has reached the
     client, so a region that fails before it can still be retried elsewhere."""
-    region, record = grant.region, request[RECORD]
+    region, req = grant.region, call.req
     tap = UsageTap(strip_usage_chunk=not req.include_usage)
     try:
         first = await up.content.readany()
     except TRANSPORT_ERRORS:
         first = b""
     if not first:
-        await region_failed(rt, grant, "bad_response", refund=False)
+        await region_failed(call, grant, "bad_response", refund=False)
         return Failure("bad_response", region, 502, b"")
-    rt.metrics.time_to_first_token.labels(req.model, region).observe(time.perf_counter() - sent)
+    call.rt.metrics.time_to_first_token.labels(req.model, region).observe(
+        time.perf_counter() - sent)
 
     response = web.StreamResponse(status=200, headers={
         "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
         "x-balancer-region": region})
-    await response.prepare(request)
+    await response.prepare(call.request)
     broken: str | None = None
     client_gone = False
     chunks = _chunks(up, first)
@@ -306,7 +323,7 @@ async def relay_stream(request: web.Request, rt: Runtime, req: validate.ClientRe
         broken = "stream_broken"  # the region closed without `data: [DONE]`
     if broken:
         log.warning("stream from %s broke after the first byte: %s", region, broken)
-        await region_failed(rt, grant, broken, refund=False)
+        await region_failed(call, grant, broken, refund=False)
         if not client_gone:
             try:
                 await response.write(error_event(
@@ -314,13 +331,12 @@ async def relay_stream(request: web.Request, rt: Runtime, req: validate.ClientRe
             except (ConnectionError, aiohttp.ClientConnectionResetError):
                 client_gone = True
     if tap.usage is not None:
-        await settle(rt, req, estimate, grant, tap.usage)
-        record.prompt_tokens, record.completion_tokens = tap.usage
+        await settle(call, grant, tap.usage)
     if not broken:
-        await region_ok(rt, grant)
+        await region_ok(call, grant)
     if not client_gone:
         await response.write_eof()
-    rt.metrics.requests.labels(req.model, region, "200").inc()
+    call.rt.metrics.requests.labels(req.model, region, "200").inc()
     return response
 
 
@@ -330,37 +346,37 @@ async def _chunks(up: aiohttp.ClientResponse, first: bytes) -> AsyncIterator[byt
         yield chunk
 
 
-async def settle(rt: Runtime, req: validate.ClientRequest, estimate: cost.Estimate,
-                 grant: Grant, usage: tuple[int, int]) -> None:
+async def settle(call: Call, grant: Grant, usage: tuple[int, int]) -> None:
     """Reconcile the reservation with real usage. In `quota` mode, charge what Azure's
     quota counter charges: the real prompt plus the completion budget it reserved; in
     `usage` mode, the tokens really used."""
     prompt, completion = usage
-    if rt.config.gateway.settle == "usage":
+    if call.gw.settle == "usage":
         charged = prompt + completion
     else:
-        charged = prompt + max(estimate.completion, completion)
-    await rt.store.settle(grant, charged)
-    m = rt.metrics
-    m.tokens.labels(req.model, grant.region, "prompt").inc(prompt)
-    m.tokens.labels(req.model, grant.region, "completion").inc(completion)
+        charged = prompt + max(call.estimate.completion, completion)
+    await call.rt.store.settle(grant, charged)
+    call.record.prompt_tokens, call.record.completion_tokens = usage
+    m = call.rt.metrics
+    m.tokens.labels(grant.model, grant.region, "prompt").inc(prompt)
+    m.tokens.labels(grant.model, grant.region, "completion").inc(completion)
 
 
-async def region_failed(rt: Runtime, grant: Grant, reason: str, *, refund: bool) -> None:
-    gw = rt.config.gateway
-    rt.metrics.upstream_errors.labels(grant.model, grant.region, reason).inc()
+async def region_failed(call: Call, grant: Grant, reason: str, *, refund: bool) -> None:
+    gw, store = call.gw, call.rt.store
+    call.rt.metrics.upstream_errors.labels(grant.model, grant.region, reason).inc()
     if refund:
-        await rt.store.settle(grant, 0)
-    opened = await rt.store.record_failure(grant.model, grant.limits, gw.circuit_failures,
-                                           gw.circuit_open_seconds)
+        await store.settle(grant, 0)
+    opened = await store.record_failure(grant.model, grant.limits, gw.circuit_failures,
+                                        gw.circuit_open_seconds)
     if opened:
         log.warning("circuit open for %s/%s for %.0f s after %s", grant.model, grant.region,
                     gw.circuit_open_seconds, reason)
 
 
-async def region_ok(rt: Runtime, grant: Grant) -> None:
+async def region_ok(call: Call, grant: Grant) -> None:
     if grant.failures:  # only then is there a failure count to clear
-        await rt.store.record_success(grant.model, grant.limits)
+        await call.rt.store.record_success(grant.model, grant.limits)
 
 
 def _relay(status: int, body: bytes, up: aiohttp.ClientResponse, region: str) -> web.Response:
@@ -409,19 +425,24 @@ def authorize(request: web.Request, rt: Runtime) -> None:
                           "an 'api-key' header.", "invalid_api_key", reason="auth")
 
 
-async def read_body(request: web.Request) -> bytes:
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The body, refused with 413 past `limit` bytes (read in chunks, so a reload can
+    change the limit and an oversized body is never held whole)."""
     ctype = request.content_type
     if ctype not in JSON_TYPES and not ctype.endswith("+json") and \
             ctype != "application/octet-stream":
         raise ClientError(415, f"Unsupported Content-Type {ctype!r}: send application/json.",
                           "unsupported_media_type")
-    limit = request.app[RUNTIME].config.gateway.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise _too_large(limit) from None
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(65536):
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def _too_large(limit: int) -> ClientError:
@@ -489,6 +510,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
             m.cooldown.labels(model, state.region).set(state.cooldown_seconds)
             m.circuit_open.labels(model, state.region).set(1 if state.circuit == "open" else 0)
     m.store_degraded.set(1 if getattr(rt.store, "degraded", False) else 0)
+    m.live_replicas.set(int(getattr(rt.store, "replicas", 1)))
     return await request.app[METRICS_RENDER](request)
 
 
@@ -508,6 +530,8 @@ async def openai_errors(request: web.Request, handler):  # type: ignore[no-untyp
     request[RECORD] = record
     rt = request.app[RUNTIME]
     started = time.perf_counter()
+    rt.in_flight += 1
+    rt.metrics.in_flight.inc()
     try:
         response = await handler(request)
     except ClientError as exc:
@@ -519,18 +543,21 @@ async def openai_errors(request: web.Request, handler):  # type: ignore[no-untyp
         log.exception("unhandled error serving %s %s", request.method, request.path)
         response = errors.response(500, "The gateway failed to handle the request.",
                                    "internal_error", type_="server_error")
+    finally:
+        rt.in_flight -= 1
+        rt.metrics.in_flight.dec()
     if record.model is not None:
         if not response.prepared:  # streams count themselves once relayed
             rt.metrics.requests.labels(record.model, record.region or "none",
                                        str(response.status)).inc()
         if access_log.isEnabledFor(logging.INFO):
-            access_log.info(json.dumps({
+            access_log.info("request", extra={"fields": {
                 "request_id": request_id, "method": request.method, "path": request.path,
                 "model": record.model, "region": record.region, "attempts": record.attempts,
                 "status": response.status,
                 "latency_ms": round((time.perf_counter() - started) * 1000, 2),
                 "prompt_tokens": record.prompt_tokens,
-                "completion_tokens": record.completion_tokens}))
+                "completion_tokens": record.completion_tokens}})
     return response
 
 
@@ -575,8 +602,7 @@ def create_app(config: Config, *, store: CapacityStore | None = None,
     metrics = Metrics()
     rt = Runtime(config=config, store=store or open_store(config, metrics), metrics=metrics,
                  api_keys=client_keys() if api_keys is None else api_keys)
-    app = web.Application(middlewares=[openai_errors],
-                          client_max_size=config.gateway.max_body_bytes)
+    app = web.Application(middlewares=[openai_errors])
     app[RUNTIME] = rt
     app[METRICS_RENDER] = make_aiohttp_handler(metrics.registry)
     app.cleanup_ctx.append(_upstream_session)

@@ -66,5 +66,11 @@ class Metrics:
         self.store_round_trips = Counter(
             "balancer_store_round_trips", "Round trips to the shared capacity store, by "
             "operation.", ["op"], registry=r)
+        self.live_replicas = Gauge(
+            "balancer_live_replicas", "Gateway replicas heartbeating into the shared store "
+            "(1 with the memory store).", registry=r)
+        self.config_reloads = Counter(
+            "balancer_config_reloads", "Attempts to reload regions.yaml, by result "
+            "(success, failure).", ["result"], registry=r)
         self.in_flight = Gauge(
             "balancer_in_flight_requests", "Client requests being served now.", registry=r)
