@@ -502,10 +502,20 @@ async def regions(request: web.Request) -> web.Response:
 async def metrics_handler(request: web.Request) -> web.Response:
     """Refresh the gauges read from the store, then render the registry."""
     rt = request.app[RUNTIME]
-    m = rt.metrics
-    for model, route in rt.routes.items():
-        for state in await rt.store.snapshot(model, route.limits):
+    m, routes = rt.metrics, rt.routes  # a reload during the awaits must not mix configs
+    snapshots = {model: await rt.store.snapshot(model, route.limits)
+                 for model, route in routes.items()}
+    region_gauges = (m.region_tpm, m.remaining_tokens, m.remaining_requests, m.capacity_tokens,
+                     m.cooldown, m.circuit_open)
+    for gauge in region_gauges:  # a region removed by a reload must not linger
+        gauge.clear()
+    for model, states in snapshots.items():
+        route = routes[model]
+        for state in states:
+            m.region_tpm.labels(model, state.region).set(
+                route.targets[state.region].deployment.tpm)
             m.remaining_tokens.labels(model, state.region).set(state.tokens)
+            m.remaining_requests.labels(model, state.region).set(state.requests)
             m.capacity_tokens.labels(model, state.region).set(state.tokens_capacity)
             m.cooldown.labels(model, state.region).set(state.cooldown_seconds)
             m.circuit_open.labels(model, state.region).set(1 if state.circuit == "open" else 0)

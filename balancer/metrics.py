@@ -54,6 +54,12 @@ class Metrics:
         self.capacity_tokens = Gauge(
             "balancer_capacity_tokens", "A region's bucket size (its burst window of TPM).",
             ["model", "region"], registry=r)
+        self.remaining_requests = Gauge(
+            "balancer_remaining_requests", "Requests left in a region's request (RPM) bucket, "
+            "read from the store at scrape time.", ["model", "region"], registry=r)
+        self.region_tpm = Gauge(
+            "balancer_region_tpm", "A region's configured tokens-per-minute quota for a model.",
+            ["model", "region"], registry=r)
         self.cooldown = Gauge(
             "balancer_region_cooldown_seconds", "Seconds left before a cooled-down region "
             "is used again (0 when usable).", ["model", "region"], registry=r)
