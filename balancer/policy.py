@@ -24,6 +24,12 @@ class Limits:
     requests_rate: float
     weight: float = 1.0
     priority: int = 0
+    # Learned capacity: the floor of the effective-capacity factor (1.0 turns learning
+    # off) and how fast the factor recovers toward 1 without new evidence (per second).
+    min_factor: float = 1.0
+    recovery_rate: float = 0.0
+    # Latency-aware weighting: the exponent on (fastest latency / this latency); 0 is off.
+    latency_weight: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +39,53 @@ class Level:
     tokens: float
     requests: float
     cooldown: float = 0.0  # seconds until the region may be used again
+    latency: float = 0.0  # smoothed seconds per output token; 0 when unknown
+
+
+# Learned capacity is AIMD, as TCP's congestion window: a 429 the buckets did not
+# predict means someone else shares the quota (or Azure lowered it), so the effective
+# capacity drops multiplicatively and fast; without new evidence it creeps back
+# additively, so a co-tenant that left is noticed without ever overshooting by much.
+THROTTLE_DECREASE = 0.7  # factor kept after an unexpected 429
+DRIFT_DECREASE = 0.9  # factor kept when a region reports far fewer remaining tokens
+LATENCY_SMOOTHING = 0.2  # EWMA weight of a new latency sample
+
+
+def effective(limits: Limits, factor: float) -> Limits:
+    """The limits as learned: token capacity and refill scaled by `factor`."""
+    if factor >= 1.0:
+        return limits
+    return Limits(limits.region, limits.tokens_capacity * factor, limits.tokens_rate * factor,
+                  limits.requests_capacity, limits.requests_rate, limits.weight,
+                  limits.priority, limits.min_factor, limits.recovery_rate,
+                  limits.latency_weight)
+
+
+def recover(factor: float, elapsed: float, rate: float) -> float:
+    """Additive increase toward 1 over `elapsed` seconds."""
+    if elapsed > 0:
+        factor += elapsed * rate
+    return min(factor, 1.0)
+
+
+def decrease(factor: float, limits: Limits, by: float) -> float:
+    """Multiplicative decrease, floored at the configured minimum."""
+    return max(limits.min_factor, factor * by)
+
+
+def smooth(average: float, sample: float) -> float:
+    """Exponentially weighted moving average; the first sample starts it."""
+    if average <= 0:
+        return sample
+    return average + LATENCY_SMOOTHING * (sample - average)
+
+
+def latency_factor(latency: float, fastest: float, strength: float) -> float:
+    """How much a region's weight shrinks for being slower than the fastest region:
+    (fastest / latency) ** strength; 1 when either latency is unknown."""
+    if strength <= 0 or latency <= 0 or fastest <= 0:
+        return 1.0
+    return (fastest / latency) ** strength
 
 
 def refill(level: float, elapsed: float, rate: float, capacity: float) -> float:
@@ -101,9 +154,16 @@ def pick(limits: Sequence[Limits], levels: Sequence[Level], cost: float, r: floa
     a weighted random choice by remaining capacity. -1 if nothing can serve now."""
     tiers = sorted({lim.priority for lim in limits})
     for tier in tiers:
+        ok = [lim.priority == tier and admissible(lev, cost, lim)
+              for lim, lev in zip(limits, levels, strict=True)]
+        fastest = 0.0
+        for i, lev in enumerate(levels):
+            if ok[i] and lev.latency > 0 and (fastest <= 0 or lev.latency < fastest):
+                fastest = lev.latency
         weights = [
-            weight(lev, lim) if lim.priority == tier and admissible(lev, cost, lim) else 0.0
-            for lim, lev in zip(limits, levels, strict=True)
+            weight(lev, lim) * latency_factor(lev.latency, fastest, lim.latency_weight)
+            if ok[i] else 0.0
+            for i, (lim, lev) in enumerate(zip(limits, levels, strict=True))
         ]
         index = choose(weights, r)
         if index >= 0:
@@ -115,3 +175,19 @@ def retry_after(limits: Sequence[Limits], levels: Sequence[Level], cost: float) 
     """Seconds until the earliest region could admit `cost` (refill or cooldown end)."""
     waits = [wait_seconds(lev, cost, lim) for lim, lev in zip(limits, levels, strict=True)]
     return min(waits, default=math.inf)
+
+
+def queue_wait(ahead_cost: float, cost: float, limits: Sequence[Limits],
+               levels: Sequence[Level]) -> float:
+    """Seconds until the requests queued ahead (`ahead_cost` tokens) and this one could
+    all be served, if every region's refill went to them: how long a waiter sleeps
+    before it asks again, so waiting never spins on the store."""
+    rate = 0.0
+    have = 0.0
+    for lim, lev in zip(limits, levels, strict=True):
+        rate += lim.tokens_rate
+        have += max(lev.tokens, 0.0)
+    short = ahead_cost + cost - have
+    if short <= 0:
+        return 0.0
+    return short / rate if rate > 0 else math.inf

@@ -26,6 +26,8 @@ class Grant:
     # must call record_success, so the common path costs no extra store round trip
     source: str = "shared"  # "local" when a degraded ResilientStore issued it from its
     # own buckets: it must be settled there even after the shared store is back
+    level: float = 0.0  # tokens left in the bucket right after this reservation: compared
+    # with what the region reports remaining, it reveals consumers the gateway cannot see
 
     @property
     def region(self) -> str:
@@ -34,9 +36,24 @@ class Grant:
 
 @dataclass(frozen=True, slots=True)
 class Wait:
-    """Nothing can serve now; `retry_after` seconds until the earliest region could."""
+    """Nothing can serve now; `retry_after` seconds until the earliest region could
+    (or, for a queued request, until its turn could come)."""
 
     retry_after: float
+    position: int = 0  # requests queued ahead of this one
+    queued: bool = False  # this request holds a place in the model's admission queue
+
+
+@dataclass(frozen=True, slots=True)
+class Queueing:
+    """A request that may wait for capacity in the model's admission queue, shared by
+    every replica. Waiters are served in order of arrival minus `boost`: a higher
+    priority class counts as having arrived earlier, but only by a bounded time, so a
+    lower class is never starved."""
+
+    ticket: str  # unique per request, kept across its attempts
+    boost: float  # seconds of head start its priority class gives it
+    budget: float  # seconds it may still wait; 0: do not wait (but do not jump the queue)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +66,8 @@ class RegionState:
     cooldown_seconds: float  # remaining; 0 when usable
     circuit: str  # "closed" | "open" | "half_open"
     failures: int
+    factor: float = 1.0  # learned share of the configured token capacity (1: all of it)
+    latency: float = 0.0  # smoothed seconds per output token (0: no sample yet)
 
 
 class CapacityStore(Protocol):
@@ -61,18 +80,35 @@ class CapacityStore(Protocol):
         cost: int,
         r: float,
         exclude: Collection[str] = (),
+        queue: Queueing | None = None,
     ) -> Grant | Wait:
         """Refill, pick a region (policy.pick with random number r) and reserve `cost`
-        tokens and one request there, all atomically."""
+        tokens and one request there, all atomically. With `queue`, a request never
+        overtakes waiters queued ahead of it, and takes (or keeps) a place in the queue
+        when it cannot be served and has budget left."""
         ...
 
-    async def settle(self, grant: Grant, actual_tokens: int) -> None:
+    async def dequeue(self, model: str, ticket: str) -> None:
+        """Give up a place in the queue (the waiter reached its deadline)."""
+        ...
+
+    async def settle(self, grant: Grant, actual_tokens: int, latency: float | None = None
+                     ) -> None:
         """Charge the difference between the reservation and what was really used
-        (a refund when negative). A refund never fills a bucket beyond capacity."""
+        (a refund when negative). A refund never fills a bucket beyond capacity.
+        `latency` (seconds per output token) feeds the region's smoothed latency."""
         ...
 
-    async def cooldown(self, model: str, limits: Limits, seconds: float) -> None:
-        """The region said 429: no traffic for `seconds`, and its bucket is empty."""
+    async def cooldown(self, model: str, limits: Limits, seconds: float, *,
+                       shrink: bool = False) -> None:
+        """The region said 429: no traffic for `seconds`, and its bucket is empty. With
+        `shrink` (the 429 was evidence), the first 429 of an episode also shrinks the
+        region's effective capacity (down to limits.min_factor)."""
+        ...
+
+    async def observe(self, model: str, limits: Limits, remaining: float) -> None:
+        """The region reported `remaining` tokens, fewer than the bucket holds: bring the
+        bucket down to it, and with learning on shrink the effective capacity a little."""
         ...
 
     async def record_failure(

@@ -11,7 +11,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from balancer import policy
-from balancer.capacity.base import Grant, RegionState, Wait
+from balancer.capacity.base import Grant, Queueing, RegionState, Wait
 from balancer.policy import Level, Limits
 
 
@@ -23,6 +23,15 @@ class _Bucket:
     cooldown_until: float = 0.0
     failures: int = 0
     tripped: bool = False  # the circuit opened and has not seen a success since
+    factor: float = 1.0  # learned share of the configured token capacity
+    latency: float = 0.0  # smoothed seconds per output token
+
+
+@dataclass(slots=True)
+class _Ticket:
+    order: float  # arrival minus the class's boost: lower is served first
+    deadline: float
+    cost: int
 
 
 class MemoryStore:
@@ -31,25 +40,27 @@ class MemoryStore:
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
         self._buckets: dict[tuple[str, str], _Bucket] = {}
+        self._queues: dict[str, dict[str, _Ticket]] = {}
 
-    def _bucket(self, model: str, limits: Limits, now: float) -> _Bucket:
-        """The region's bucket, refilled up to `now` (a new one starts full)."""
+    def _bucket(self, model: str, limits: Limits, now: float) -> tuple[_Bucket, Limits]:
+        """The region's bucket refilled up to `now` (a new one starts full), and its
+        effective limits (the configured ones scaled by the learned factor)."""
         key = (model, limits.region)
         b = self._buckets.get(key)
         if b is None:
             b = _Bucket(limits.tokens_capacity, limits.requests_capacity, now)
             self._buckets[key] = b
-            return b
+            return b, limits
         elapsed = now - b.stamp
-        b.tokens = policy.refill(b.tokens, elapsed, limits.tokens_rate, limits.tokens_capacity)
-        b.requests = policy.refill(
-            b.requests, elapsed, limits.requests_rate, limits.requests_capacity
-        )
+        b.factor = policy.recover(b.factor, elapsed, limits.recovery_rate)
+        eff = policy.effective(limits, b.factor)
+        b.tokens = policy.refill(b.tokens, elapsed, eff.tokens_rate, eff.tokens_capacity)
+        b.requests = policy.refill(b.requests, elapsed, eff.requests_rate, eff.requests_capacity)
         b.stamp = now
-        return b
+        return b, eff
 
     def _level(self, b: _Bucket, now: float) -> Level:
-        return Level(b.tokens, b.requests, max(0.0, b.cooldown_until - now))
+        return Level(b.tokens, b.requests, max(0.0, b.cooldown_until - now), b.latency)
 
     async def acquire(
         self,
@@ -58,35 +69,75 @@ class MemoryStore:
         cost: int,
         r: float,
         exclude: Collection[str] = (),
+        queue: Queueing | None = None,
     ) -> Grant | Wait:
         now = self._clock()
         usable = [c for c in candidates if c.region not in exclude]
-        buckets = [self._bucket(model, c, now) for c in usable]
-        levels = [self._level(b, now) for b in buckets]
-        index = policy.pick(usable, levels, cost, r)
-        if index < 0:
-            return Wait(policy.retry_after(usable, levels, cost))
-        b = buckets[index]
-        b.tokens -= cost
-        b.requests -= 1
-        return Grant(model, usable[index], cost, b.failures)
+        loaded = [self._bucket(model, c, now) for c in usable]
+        effs = [eff for _, eff in loaded]
+        levels = [self._level(b, now) for b, _ in loaded]
+        ahead: list[_Ticket] = []
+        if queue is not None:
+            waiting = self._waiting(model, now)
+            mine = waiting.get(queue.ticket)
+            order = mine.order if mine else now - queue.boost
+            ahead = [t for name, t in waiting.items() if t.order < order]
+        index = policy.pick(effs, levels, cost, r) if not ahead else -1
+        if index >= 0:
+            if queue is not None:
+                self._queues[model].pop(queue.ticket, None)
+            b = loaded[index][0]
+            b.tokens -= cost
+            b.requests -= 1
+            return Grant(model, usable[index], cost, b.failures, level=b.tokens)
+        wait = policy.retry_after(effs, levels, cost)
+        if queue is None:
+            return Wait(wait)
+        if ahead:
+            wait = max(wait, policy.queue_wait(sum(t.cost for t in ahead), cost, effs, levels))
+        if queue.budget <= 0:
+            waiting.pop(queue.ticket, None)
+            return Wait(wait, len(ahead))
+        waiting[queue.ticket] = _Ticket(order, now + queue.budget, cost)
+        return Wait(wait, len(ahead), queued=True)
 
-    async def settle(self, grant: Grant, actual_tokens: int) -> None:
-        limits = grant.limits
-        b = self._bucket(grant.model, limits, self._clock())
-        b.tokens = min(b.tokens - (actual_tokens - grant.tokens), limits.tokens_capacity)
+    def _waiting(self, model: str, now: float) -> dict[str, _Ticket]:
+        """The model's queue, without waiters whose deadline passed (crashed or gone)."""
+        waiting = self._queues.setdefault(model, {})
+        for name in [name for name, t in waiting.items() if t.deadline < now]:
+            del waiting[name]
+        return waiting
 
-    async def cooldown(self, model: str, limits: Limits, seconds: float) -> None:
+    async def dequeue(self, model: str, ticket: str) -> None:
+        self._queues.get(model, {}).pop(ticket, None)
+
+    async def settle(self, grant: Grant, actual_tokens: int, latency: float | None = None
+                     ) -> None:
+        b, eff = self._bucket(grant.model, grant.limits, self._clock())
+        b.tokens = min(b.tokens - (actual_tokens - grant.tokens), eff.tokens_capacity)
+        if latency is not None and latency > 0:
+            b.latency = policy.smooth(b.latency, latency)
+
+    async def cooldown(self, model: str, limits: Limits, seconds: float, *,
+                       shrink: bool = False) -> None:
         now = self._clock()
-        b = self._bucket(model, limits, now)
+        b, _ = self._bucket(model, limits, now)
+        if shrink and b.cooldown_until <= now:  # one decrease per episode, not per 429
+            b.factor = policy.decrease(b.factor, limits, policy.THROTTLE_DECREASE)
         b.cooldown_until = max(b.cooldown_until, now + seconds)
         b.tokens = min(b.tokens, 0.0)  # the region told us it is empty
+
+    async def observe(self, model: str, limits: Limits, remaining: float) -> None:
+        b, _ = self._bucket(model, limits, self._clock())
+        if remaining < b.tokens:
+            b.tokens = remaining
+            b.factor = policy.decrease(b.factor, limits, policy.DRIFT_DECREASE)
 
     async def record_failure(
         self, model: str, limits: Limits, threshold: int, open_seconds: float
     ) -> bool:
         now = self._clock()
-        b = self._bucket(model, limits, now)
+        b, _ = self._bucket(model, limits, now)
         b.failures += 1
         if b.failures < threshold:
             return False
@@ -104,15 +155,17 @@ class MemoryStore:
         now = self._clock()
         out = []
         for c in candidates:
-            b = self._bucket(model, c, now)
-            out.append(state_of(c, self._level(b, now), b.failures, b.tripped))
+            b, eff = self._bucket(model, c, now)
+            out.append(state_of(eff, self._level(b, now), b.failures, b.tripped, b.factor))
         return out
 
     async def close(self) -> None:
         self._buckets.clear()
+        self._queues.clear()
 
 
-def state_of(limits: Limits, level: Level, failures: int, tripped: bool) -> RegionState:
+def state_of(limits: Limits, level: Level, failures: int, tripped: bool, factor: float = 1.0
+             ) -> RegionState:
     if not tripped:
         circuit = "closed"
     else:
@@ -126,4 +179,6 @@ def state_of(limits: Limits, level: Level, failures: int, tripped: bool) -> Regi
         cooldown_seconds=level.cooldown,
         circuit=circuit,
         failures=failures,
+        factor=factor,
+        latency=level.latency,
     )

@@ -31,14 +31,20 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from balancer.capacity.base import Grant, RegionState, Wait
+from balancer import policy
+from balancer.capacity.base import Grant, Queueing, RegionState, Wait
 from balancer.capacity.memory import state_of
+from balancer.capacity.pipelined import PipelinedConnection, PipelinedScript
 from balancer.config import StoreConfig
 from balancer.policy import Level, Limits
 
 Client = Redis | RedisCluster
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+# Both keys share the model's hash tag, so one script keeps them consistent on a cluster.
+DEQUEUE = "redis.call('ZREM', KEYS[1], ARGV[1]); redis.call('HDEL', KEYS[2], ARGV[1])"
 
 
 @cache
@@ -98,7 +104,14 @@ class RedisStore:
         self._acquire = client.register_script(_script("acquire"))
         self._region = client.register_script(_script("region"))
         self._snapshot = client.register_script(_script("snapshot"))
+        self._dequeue = client.register_script(DEQUEUE)
         self._heartbeat = client.register_script(_script("heartbeat", prelude=False))
+        # The hot path (acquire, settle and the other one-region writes) skips redis-py's
+        # per-command cost on one pipelined connection when the client allows it.
+        self._fast = PipelinedConnection.for_client(client, timeout_seconds)
+        if self._fast is not None:
+            self._acquire = PipelinedScript(self._fast, self._acquire)
+            self._region = PipelinedScript(self._fast, self._region)
         self._replica_ttl = 10.0  # the ttl of the last heartbeat, for replicas()
         self._limit_args: dict[Limits, str] = {}
 
@@ -135,6 +148,9 @@ class RedisStore:
                     _num(limits.requests_rate),
                     _num(limits.weight),
                     str(int(limits.priority)),
+                    _num(limits.min_factor),
+                    _num(limits.recovery_rate),
+                    _num(limits.latency_weight),
                 )
             )
             self._limit_args[limits] = text
@@ -147,18 +163,30 @@ class RedisStore:
         cost: int,
         r: float,
         exclude: Collection[str] = (),
+        queue: Queueing | None = None,
     ) -> Grant | Wait:
         usable = [c for c in candidates if c.region not in exclude]
         if not usable:
             return Wait(math.inf)  # policy.retry_after of nothing, as MemoryStore
-        args = (_num(cost), _num(r), self._ttl, " ".join([self._limits(c) for c in usable]))
+        keys = [self.key(model, c.region) for c in usable]
+        args = [_num(cost), _num(r), self._ttl, " ".join([self._limits(c) for c in usable])]
+        if queue is not None:
+            keys += self._queue_keys(model)
+            args += [queue.ticket, _num(queue.boost), _num(queue.budget)]
         self._round_trip("acquire")
-        index, extra = await self._acquire(
-            keys=[self.key(model, c.region) for c in usable], args=args
-        )
+        reply = await self._acquire(keys=keys, args=args)
+        index = reply[0]
         if index == 0:
-            return Wait(float(extra))
-        return Grant(model, usable[index - 1], cost, int(extra))
+            return Wait(float(reply[1]), int(reply[2]), bool(reply[3]))
+        return Grant(model, usable[index - 1], cost, int(reply[1]), level=float(reply[2]))
+
+    def _queue_keys(self, model: str) -> list[str]:
+        return [f"{self.prefix}:{{{model}}}:queue", f"{self.prefix}:{{{model}}}:tickets"]
+
+    async def dequeue(self, model: str, ticket: str) -> None:
+        queue, tickets = self._queue_keys(model)
+        self._round_trip("dequeue")
+        await self._dequeue(keys=[queue, tickets], args=[ticket])
 
     async def _apply(self, op: str, model: str, limits: Limits, *extra: str) -> int:
         self._round_trip(op)
@@ -167,14 +195,20 @@ class RedisStore:
             args=[op, self._ttl, self._limits(limits), *extra],
         )
 
-    async def settle(self, grant: Grant, actual_tokens: int) -> None:
+    async def settle(self, grant: Grant, actual_tokens: int, latency: float | None = None
+                     ) -> None:
         delta = actual_tokens - grant.tokens
-        if delta == 0:
-            return  # nothing to charge or refund: skip the round trip
-        await self._apply("settle", grant.model, grant.limits, str(delta))
+        if delta == 0 and not latency:
+            return  # nothing to charge, refund or learn: skip the round trip
+        sample = _num(latency) if latency else ""
+        await self._apply("settle", grant.model, grant.limits, str(delta), sample)
 
-    async def cooldown(self, model: str, limits: Limits, seconds: float) -> None:
-        await self._apply("cooldown", model, limits, _num(seconds))
+    async def observe(self, model: str, limits: Limits, remaining: float) -> None:
+        await self._apply("observe", model, limits, _num(remaining))
+
+    async def cooldown(self, model: str, limits: Limits, seconds: float, *,
+                       shrink: bool = False) -> None:
+        await self._apply("cooldown", model, limits, _num(seconds), "1" if shrink else "0")
 
     async def record_failure(
         self, model: str, limits: Limits, threshold: int, open_seconds: float
@@ -200,9 +234,10 @@ class RedisStore:
         )
         out = []
         for i, c in enumerate(candidates):
-            tokens, requests, cooldown, failures, tripped = raw[i * 5 : i * 5 + 5]
-            level = Level(float(tokens), float(requests), float(cooldown))
-            out.append(state_of(c, level, int(failures), int(tripped) != 0))
+            tokens, requests, cooldown, failures, tripped, factor, lat = raw[i * 7 : i * 7 + 7]
+            level = Level(float(tokens), float(requests), float(cooldown), float(lat))
+            eff = policy.effective(c, float(factor))
+            out.append(state_of(eff, level, int(failures), int(tripped) != 0, float(factor)))
         return out
 
     async def heartbeat(self, replica_id: str, ttl_seconds: float) -> int:
@@ -236,4 +271,6 @@ class RedisStore:
         return bool(await self.client.ping())
 
     async def close(self) -> None:
+        if self._fast is not None:
+            self._fast.close()
         await self.client.aclose()

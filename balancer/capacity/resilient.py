@@ -23,7 +23,7 @@ from functools import lru_cache
 
 from redis.exceptions import RedisClusterException, RedisError
 
-from balancer.capacity.base import Grant, RegionState, Wait
+from balancer.capacity.base import Grant, Queueing, RegionState, Wait
 from balancer.capacity.memory import MemoryStore
 from balancer.capacity.redis import RedisStore
 from balancer.policy import Limits
@@ -196,40 +196,64 @@ class ResilientStore:
         cost: int,
         r: float,
         exclude: Collection[str] = (),
+        queue: Queueing | None = None,
     ) -> Grant | Wait:
         if self._task is None:
             self._ensure_task()
         if not self._degraded:
             try:
                 async with asyncio.timeout(self._deadline):
-                    return await self.shared.acquire(model, candidates, cost, r, exclude)
+                    return await self.shared.acquire(model, candidates, cost, r, exclude,
+                                                     queue)
             except FAILURES as exc:
                 self._degrade("acquire", exc)
         shares = [self._share(c) for c in candidates]
-        result = await self.local.acquire(model, shares, cost, r, exclude)
+        # Degraded, this replica queues its own waiters only: the others cannot be seen.
+        result = await self.local.acquire(model, shares, cost, r, exclude, queue)
         if isinstance(result, Wait):
             return result
         # Hand back the caller's own Limits; settle scales them again.
         original = candidates[next(i for i, s in enumerate(shares) if s is result.limits)]
         return replace(result, limits=original, source="local")
 
-    async def settle(self, grant: Grant, actual_tokens: int) -> None:
+    async def settle(self, grant: Grant, actual_tokens: int, latency: float | None = None
+                     ) -> None:
         if grant.source == "shared" and not self._degraded:
             try:
                 async with asyncio.timeout(self._deadline):
-                    return await self.shared.settle(grant, actual_tokens)
+                    return await self.shared.settle(grant, actual_tokens, latency)
             except FAILURES as exc:
                 self._degrade("settle", exc)
-        await self.local.settle(replace(grant, limits=self._share(grant.limits)), actual_tokens)
+        await self.local.settle(replace(grant, limits=self._share(grant.limits)), actual_tokens,
+                                latency)
 
-    async def cooldown(self, model: str, limits: Limits, seconds: float) -> None:
+    async def dequeue(self, model: str, ticket: str) -> None:
+        await self.local.dequeue(model, ticket)
         if not self._degraded:
             try:
                 async with asyncio.timeout(self._deadline):
-                    return await self.shared.cooldown(model, limits, seconds)
+                    await self.shared.dequeue(model, ticket)
+            except FAILURES as exc:
+                self._degrade("dequeue", exc)
+
+    async def observe(self, model: str, limits: Limits, remaining: float) -> None:
+        if not self._degraded:
+            try:
+                async with asyncio.timeout(self._deadline):
+                    return await self.shared.observe(model, limits, remaining)
+            except FAILURES as exc:
+                self._degrade("observe", exc)
+        await self.local.observe(model, self._share(limits), remaining)
+
+    async def cooldown(self, model: str, limits: Limits, seconds: float, *,
+                       shrink: bool = False) -> None:
+        if not self._degraded:
+            try:
+                async with asyncio.timeout(self._deadline):
+                    return await self.shared.cooldown(model, limits, seconds, shrink=shrink)
             except FAILURES as exc:
                 self._degrade("cooldown", exc)
-        await self.local.cooldown(model, self._share(limits), seconds)
+        await self.local.cooldown(model, self._share(limits), seconds, shrink=shrink)
 
     async def record_failure(
         self, model: str, limits: Limits, threshold: int, open_seconds: float

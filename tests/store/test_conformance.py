@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import replace
 
 import pytest
 
-from balancer.capacity.base import Grant, Wait
+from balancer.capacity.base import Grant, Queueing, Wait
 from balancer.capacity.redis import RedisStore
+from balancer.policy import Limits
 
 from .conftest import Backends, lim
 
@@ -42,7 +44,7 @@ async def test_reserve_reduces_tokens_and_requests(make_store: Backends) -> None
     store = make_store()
     a = lim("a", 1000, rcap=50)
     grant = await store.acquire(M, [a], 300, 0.5)
-    assert grant == Grant(M, a, 300, 0)
+    assert grant == Grant(M, a, 300, 0, level=700.0)  # level: tokens left after it
     [state] = await store.snapshot(M, [a])
     assert state.tokens == pytest.approx(700)
     assert state.requests == pytest.approx(49)
@@ -314,6 +316,8 @@ async def test_keys_carry_prefix_hash_tag_and_ttl(make_redis_store: Backends) ->
         b"cooldown_until",
         b"failures",
         b"tripped",
+        b"factor",
+        b"lat",
     }
     # every write sets the TTL, and a cooldown longer than it keeps the key alive
     for write in (
@@ -403,3 +407,131 @@ async def test_heartbeats_count_live_replicas(make_redis_store: Backends) -> Non
     await store.leave("two")
     assert await store.replicas() == 1
     assert 0 < await store.client.ttl(store.replicas_key)
+
+
+# --------------------------------------------------------------------------- learning
+
+
+def learning(region: str, cap: float = 1000, *, min_factor: float = 0.25,
+             recovery: float = 0.0, latency_weight: float = 0.0) -> Limits:
+    return replace(lim(region, cap), min_factor=min_factor, recovery_rate=recovery,
+                   latency_weight=latency_weight)
+
+
+async def test_throttle_shrinks_learned_capacity_once_per_episode(make_store: Backends) -> None:
+    store = make_store()
+    a = learning("a")
+    await store.cooldown(M, a, 0.3, shrink=True)
+    await store.cooldown(M, a, 0.3, shrink=True)  # the same episode: no second decrease
+    [state] = await store.snapshot(M, [a])
+    assert state.factor == pytest.approx(0.7)
+    assert state.tokens_capacity == pytest.approx(700)
+    await asyncio.sleep(0.35)
+    for _ in range(5):  # new episodes shrink again, down to the floor
+        await store.cooldown(M, a, 0.0, shrink=True)
+    await store.cooldown(M, learning("b"), 0.0)  # not evidence: no shrink
+    [state] = await store.snapshot(M, [a])
+    assert state.factor == pytest.approx(0.25)
+
+
+async def test_learning_off_keeps_configured_capacity(make_store: Backends) -> None:
+    store = make_store()
+    a, b = lim("a"), lim("b")  # min_factor 1.0: learning off
+    await store.cooldown(M, a, 0.0, shrink=True)
+    await store.observe(M, b, 100.0)
+    [sa, sb] = await store.snapshot(M, [a, b])
+    assert sa.factor == sb.factor == 1.0 and sa.tokens_capacity == sb.tokens_capacity == 1000
+    assert sb.tokens == pytest.approx(100.0)  # the level still follows the region
+
+
+async def test_learned_capacity_recovers_additively(make_store: Backends) -> None:
+    store = make_store()
+    a = learning("a", recovery=2.0)  # +2.0 per second: back to 1 within 0.15 s
+    await store.cooldown(M, a, 0.0, shrink=True)
+    await asyncio.sleep(0.2)
+    [state] = await store.snapshot(M, [a])
+    assert state.factor == pytest.approx(1.0)
+
+
+async def test_observe_lowers_the_bucket_to_what_the_region_reports(
+        make_store: Backends) -> None:
+    store = make_store()
+    a = learning("a")
+    await store.observe(M, a, 2000.0)  # more than we hold: nothing to learn
+    [state] = await store.snapshot(M, [a])
+    assert state.tokens == pytest.approx(1000) and state.factor == 1.0
+    await store.observe(M, a, 300.0)
+    [state] = await store.snapshot(M, [a])
+    assert state.tokens == pytest.approx(300) and state.factor == pytest.approx(0.9)
+
+
+async def test_latency_is_smoothed_and_weighs_the_choice(make_store: Backends) -> None:
+    store = make_store()
+    a, b = learning("a", latency_weight=1.0), learning("b", latency_weight=1.0)
+    for region, sample in ((a, 0.01), (b, 0.03)):
+        grant = await store.acquire(M, [region], 0, 0.5)
+        assert isinstance(grant, Grant)
+        await store.settle(grant, 0, sample)
+    [sa, sb] = await store.snapshot(M, [a, b])
+    assert (sa.latency, sb.latency) == (pytest.approx(0.01), pytest.approx(0.03))
+    # equal tokens; b is 3x slower, so it weighs 1/3: a below r = 0.75, b above
+    assert region_of(await store.acquire(M, [a, b], 0, 0.74)) == "a"
+    assert region_of(await store.acquire(M, [a, b], 0, 0.76)) == "b"
+    grant = await store.acquire(M, [b], 0, 0.5)
+    assert isinstance(grant, Grant)
+    await store.settle(grant, 0, 0.01)
+    [sb] = await store.snapshot(M, [b])
+    assert sb.latency == pytest.approx(0.03 + 0.2 * (0.01 - 0.03))
+
+
+# --------------------------------------------------------------------------- admission queue
+
+
+def q(ticket: str, budget: float = 30.0, boost: float = 0.0) -> Queueing:
+    return Queueing(ticket, boost, budget)
+
+
+async def test_queue_serves_waiters_in_order(make_store: Backends) -> None:
+    store = make_store()
+    a = lim("a", 1000)
+    first = await store.acquire(M, [a], 1000, 0.5, queue=q("x"))
+    assert isinstance(first, Grant)
+    wait_a = await store.acquire(M, [a], 400, 0.5, queue=q("A"))
+    wait_b = await store.acquire(M, [a], 400, 0.5, queue=q("B"))
+    assert (wait_a.position, wait_a.queued) == (0, True)
+    assert (wait_b.position, wait_b.queued) == (1, True)
+    # a newcomer that will not wait does not jump the queue, and takes no place in it
+    hurried = await store.acquire(M, [a], 10, 0.5, queue=q("C", budget=0))
+    assert isinstance(hurried, Wait) and (hurried.position, hurried.queued) == (2, False)
+    await store.settle(first, 0)  # capacity returns (a refund)
+    blocked = await store.acquire(M, [a], 400, 0.5, queue=q("B"))
+    assert isinstance(blocked, Wait) and blocked.position == 1  # A is still ahead
+    assert isinstance(await store.acquire(M, [a], 400, 0.5, queue=q("A")), Grant)
+    assert isinstance(await store.acquire(M, [a], 400, 0.5, queue=q("B")), Grant)
+    assert isinstance(await store.acquire(M, [a], 10, 0.5, queue=q("D", budget=0)), Grant)
+
+
+async def test_queue_priority_boost_and_wait_estimate(make_store: Backends) -> None:
+    store = make_store()
+    a = lim("a", 1000, rate=100.0)
+    assert isinstance(await store.acquire(M, [a], 1000, 0.5), Grant)
+    low = await store.acquire(M, [a], 500, 0.5, queue=q("low"))
+    high = await store.acquire(M, [a], 500, 0.5, queue=q("high", boost=60))
+    assert high.position == 0 and isinstance(high, Wait)
+    again = await store.acquire(M, [a], 500, 0.5, queue=q("low"))
+    assert isinstance(again, Wait) and again.position == 1
+    # its turn comes after high's 500 and its own 500 tokens refill at 100/s: ~10 s
+    assert again.retry_after == pytest.approx(10.0, abs=0.5)
+    assert low.retry_after <= again.retry_after
+
+
+async def test_queue_forgets_expired_and_dequeued_waiters(make_store: Backends) -> None:
+    store = make_store()
+    a = lim("a", 1000)
+    grant = await store.acquire(M, [a], 1000, 0.5)
+    await store.acquire(M, [a], 100, 0.5, queue=q("gone", budget=0.1))
+    await store.acquire(M, [a], 100, 0.5, queue=q("quitter"))
+    await store.dequeue(M, "quitter")
+    await store.settle(grant, 0)
+    await asyncio.sleep(0.2)
+    assert isinstance(await store.acquire(M, [a], 100, 0.5, queue=q("new", budget=0)), Grant)

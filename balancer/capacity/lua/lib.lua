@@ -44,6 +44,40 @@ local function weight(level, lim)
   return (math.max(level.tokens, 0.0) + 1.0) * lim.weight
 end
 
+local THROTTLE_DECREASE = 0.7
+local DRIFT_DECREASE = 0.9
+local LATENCY_SMOOTHING = 0.2
+
+local function effective(lim, factor)
+  if factor >= 1.0 then return lim end
+  return { tokens_capacity = lim.tokens_capacity * factor,
+    tokens_rate = lim.tokens_rate * factor,
+    requests_capacity = lim.requests_capacity, requests_rate = lim.requests_rate,
+    weight = lim.weight, priority = lim.priority, min_factor = lim.min_factor,
+    recovery_rate = lim.recovery_rate, latency_weight = lim.latency_weight }
+end
+
+local function recover(factor, elapsed, rate)
+  if elapsed > 0 then
+    factor = factor + elapsed * rate
+  end
+  return math.min(factor, 1.0)
+end
+
+local function decrease(factor, lim, by)
+  return math.max(lim.min_factor, factor * by)
+end
+
+local function smooth(average, sample)
+  if average <= 0 then return sample end
+  return average + LATENCY_SMOOTHING * (sample - average)
+end
+
+local function latency_factor(latency, fastest, strength)
+  if strength <= 0 or latency <= 0 or fastest <= 0 then return 1.0 end
+  return (fastest / latency) ^ strength
+end
+
 -- 1-based index picked with probability proportional to its weight, -1 if none.
 -- The total is a plain left-to-right sum, as Python 3.11's sum() of floats.
 local function choose(weights, n, r)
@@ -76,10 +110,17 @@ local function pick(limits, levels, n, cost, r)
   end
   table.sort(tiers)
   for _, tier in ipairs(tiers) do
+    local ok, fastest = {}, 0.0
+    for i = 1, n do
+      ok[i] = limits[i].priority == tier and admissible(levels[i], cost, limits[i])
+      local lat = levels[i].latency
+      if ok[i] and lat > 0 and (fastest <= 0 or lat < fastest) then fastest = lat end
+    end
     local weights = {}
     for i = 1, n do
-      if limits[i].priority == tier and admissible(levels[i], cost, limits[i]) then
+      if ok[i] then
         weights[i] = weight(levels[i], limits[i])
+          * latency_factor(levels[i].latency, fastest, limits[i].latency_weight)
       else
         weights[i] = 0.0
       end
@@ -98,6 +139,18 @@ local function retry_after(limits, levels, n, cost)
   return best
 end
 
+local function queue_wait(ahead_cost, cost, limits, levels, n)
+  local rate, have = 0.0, 0.0
+  for i = 1, n do
+    rate = rate + limits[i].tokens_rate
+    have = have + math.max(levels[i].tokens, 0.0)
+  end
+  local short = ahead_cost + cost - have
+  if short <= 0 then return 0.0 end
+  if rate > 0 then return short / rate end
+  return INF
+end
+
 -- Bucket storage: one HASH per (model, region). Floats travel as "%.17g" strings,
 -- which round-trip exactly (tostring keeps only 14 digits, and Redis truncates Lua
 -- numbers returned to the client to integers).
@@ -111,15 +164,16 @@ local function clock()
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 
--- Limits travel as one string per call, six numbers per region (tokens_capacity,
--- tokens_rate, requests_capacity, requests_rate, weight, priority) separated by
--- spaces: one argument instead of six per region keeps the client's packing cheap.
+-- Limits travel as one string per call, nine numbers per region (tokens_capacity,
+-- tokens_rate, requests_capacity, requests_rate, weight, priority, min_factor,
+-- recovery_rate, latency_weight) separated by spaces: one argument instead of nine
+-- per region keeps the client's packing cheap.
 local function parse_limits(text)
   local nums, out = {}, {}
   for word in string.gmatch(text, '%S+') do
     nums[#nums + 1] = tonumber(word)
   end
-  for i = 1, #nums, 6 do
+  for i = 1, #nums, 9 do
     out[#out + 1] = {
       tokens_capacity = nums[i],
       tokens_rate = nums[i + 1],
@@ -127,33 +181,43 @@ local function parse_limits(text)
       requests_rate = nums[i + 3],
       weight = nums[i + 4],
       priority = nums[i + 5],
+      min_factor = nums[i + 6],
+      recovery_rate = nums[i + 7],
+      latency_weight = nums[i + 8],
     }
   end
   return out
 end
 
--- The bucket refilled up to `now`; a missing (new or expired) bucket starts full.
+-- The bucket refilled up to `now` (a missing, new or expired, one starts full), with
+-- `b.eff` its effective limits: the configured ones scaled by the learned factor.
 local function load(key, lim, now)
   local v = redis.call('HMGET', key, 'tokens', 'requests', 'ts', 'cooldown_until',
-    'failures', 'tripped')
+    'failures', 'tripped', 'factor', 'lat')
   if not v[1] then
     return { tokens = lim.tokens_capacity, requests = lim.requests_capacity,
-      cooldown_until = 0, failures = 0, tripped = 0, exists = false }
+      cooldown_until = 0, failures = 0, tripped = 0, factor = 1.0, lat = 0.0,
+      eff = lim, exists = false }
   end
   local elapsed = now - tonumber(v[3])
+  local factor = recover(tonumber(v[7]) or 1.0, elapsed, lim.recovery_rate)
+  local eff = effective(lim, factor)
   return {
-    tokens = refill(tonumber(v[1]), elapsed, lim.tokens_rate, lim.tokens_capacity),
-    requests = refill(tonumber(v[2]), elapsed, lim.requests_rate, lim.requests_capacity),
+    tokens = refill(tonumber(v[1]), elapsed, eff.tokens_rate, eff.tokens_capacity),
+    requests = refill(tonumber(v[2]), elapsed, eff.requests_rate, eff.requests_capacity),
     cooldown_until = tonumber(v[4]) or 0,
     failures = tonumber(v[5]) or 0,
     tripped = tonumber(v[6]) or 0,
+    factor = factor,
+    lat = tonumber(v[8]) or 0.0,
+    eff = eff,
     exists = true,
   }
 end
 
 local function level_of(b, now)
   return { tokens = b.tokens, requests = b.requests,
-    cooldown = math.max(0.0, b.cooldown_until - now) }
+    cooldown = math.max(0.0, b.cooldown_until - now), latency = b.lat }
 end
 
 -- Every write refreshes the TTL, so a region removed from the config leaves nothing
@@ -166,7 +230,8 @@ end
 local function save(key, b, now, ttl)
   redis.call('HSET', key, 'tokens', fmt(b.tokens), 'requests', fmt(b.requests),
     'ts', fmt(now), 'cooldown_until', fmt(b.cooldown_until),
-    'failures', string.format('%d', b.failures), 'tripped', string.format('%d', b.tripped))
+    'failures', string.format('%d', b.failures), 'tripped', string.format('%d', b.tripped),
+    'factor', fmt(b.factor), 'lat', fmt(b.lat))
   expire(key, b, now, ttl)
 end
 

@@ -1,8 +1,11 @@
 -- One write to one region's bucket, refilled first as policy.refill does.
 -- KEYS[1]  the bucket
 -- ARGV     op, ttl, then for every op but record_success the limits (see parse_limits) and:
---   settle           delta    tokens to charge (actual - reserved; negative refunds)
---   cooldown         seconds
+--   settle           delta    tokens to charge (actual - reserved; negative refunds),
+--                    latency  seconds per output token ("" when there is no sample)
+--   cooldown         seconds, shrink ("1": the 429 was evidence; the first of an episode
+--                    shrinks the learned factor)
+--   observe          remaining  tokens the region reported left
 --   record_failure   threshold, open_seconds
 --   record_success   (nothing)
 -- Returns 1 when record_failure left the circuit open, else 0.
@@ -28,10 +31,21 @@ local result = 0
 
 if op == 'settle' then
   -- A refund never fills the bucket beyond capacity.
-  b.tokens = math.min(b.tokens - tonumber(ARGV[4]), lim.tokens_capacity)
+  b.tokens = math.min(b.tokens - tonumber(ARGV[4]), b.eff.tokens_capacity)
+  local latency = tonumber(ARGV[5] or '')
+  if latency and latency > 0 then b.lat = smooth(b.lat, latency) end
 elseif op == 'cooldown' then
+  if ARGV[5] == '1' and b.cooldown_until <= now then -- one decrease per episode
+    b.factor = decrease(b.factor, lim, THROTTLE_DECREASE)
+  end
   b.cooldown_until = math.max(b.cooldown_until, now + tonumber(ARGV[4]))
   b.tokens = math.min(b.tokens, 0.0) -- the region told us it is empty
+elseif op == 'observe' then
+  local remaining = tonumber(ARGV[4])
+  if remaining < b.tokens then
+    b.tokens = remaining
+    b.factor = decrease(b.factor, lim, DRIFT_DECREASE)
+  end
 elseif op == 'record_failure' then
   b.failures = b.failures + 1
   if b.failures >= tonumber(ARGV[4]) then
