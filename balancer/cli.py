@@ -1,4 +1,4 @@
-"""`balancer serve | simulate | check`."""
+"""`balancer serve | simulate | check | bench`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from balancer import config as config_mod
 from balancer import logs, reload
 from balancer.config import Config, ConfigError
 from balancer.gateway import RUNTIME, create_app
+from balancer.protocol import GatewayRunner
 from balancer.simulator import SimConfig
 
 log = logging.getLogger("balancer")
@@ -50,7 +51,18 @@ def main(argv: list[str] | None = None) -> int:
 
     simulator.add_arguments(simulate)
 
+    bench = sub.add_parser(
+        "bench", help="run a benchmark (from a clone of the repository)",
+        description="Benchmarks live in the repository's bench/ folder, which is not part of "
+                    "the installed package: run them from a clone (`make bench` runs both). "
+                    "`balancer bench balance --help` lists a benchmark's options.")
+    bench.add_argument("benchmark", choices=["balance", "overhead"],
+                       help="balance: quota delivered per strategy; overhead: cost per request")
+    bench.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's options")
+
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return run_bench(args.benchmark, args.options)
     logs.setup(args.log_level)
     if args.command == "check":
         return run_check(args.file, simulate=args.simulate)
@@ -62,6 +74,24 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return asyncio.run(_simulate(sim_config, args.host, args.port))
     return run_serve(args)
+
+
+def run_bench(name: str, options: list[str]) -> int:
+    """Import bench/ lazily: it sits beside the package in a clone, not inside it."""
+    from pathlib import Path
+
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        if (root / "bench" / f"{name}.py").is_file():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            break
+    else:
+        print("balancer bench: bench/ not found: run it from a clone of the repository "
+              "(the benchmarks are not part of the installed package)", file=sys.stderr)
+        return 2
+    import importlib
+
+    return int(importlib.import_module(f"bench.{name}").main(options) or 0)
 
 
 def run_check(file: str | None, *, simulate: bool = False) -> int:
@@ -115,7 +145,7 @@ async def _serve(cfg: Config, *, simulate: bool) -> int:
     app = create_app(rewrite(cfg))
     reload.install(app, cfg.source, load)
     gw = cfg.gateway
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=gw.drain_timeout_seconds)
+    runner = GatewayRunner(app, access_log=None, shutdown_timeout=gw.drain_timeout_seconds)
     await runner.setup()
     site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port, reuse_address=True)
     await site.start()

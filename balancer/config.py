@@ -79,6 +79,7 @@ class GatewayConfig:
     deadline_seconds: float = 300.0
     connect_timeout_seconds: float = 5.0
     read_timeout_seconds: float = 120.0  # longest silence from an upstream before we give up
+    body_timeout_seconds: float = 30.0  # longest a client may take to send its request body
     max_body_bytes: int = 4 * 1024 * 1024
     default_cooldown_seconds: float = 10.0
     circuit_failures: int = 5
@@ -91,6 +92,47 @@ class GatewayConfig:
     reload_poll_seconds: float = 2.0  # how often regions.yaml is checked for changes; 0: never
     drain_timeout_seconds: float = 30.0  # on SIGTERM, how long in-flight requests may finish
     shutdown_delay_seconds: float = 0.0  # on SIGTERM, readiness fails this long before draining
+
+
+@dataclass(frozen=True)
+class LearnedCapacity:
+    """Shrink a region's effective capacity when it shows less than configured (429s the
+    buckets did not predict, or fewer remaining tokens reported than the bucket holds),
+    and recover gradually when the evidence stops (AIMD)."""
+
+    enabled: bool = True
+    min_factor: float = 0.2  # never believe a region has less than this share of its TPM
+    recovery_per_minute: float = 0.1  # share of capacity regained per minute without evidence
+    evidence_margin: float = 0.25  # share of the bucket: a 429 is evidence only when the
+    # bucket still held this much after the reservation, and a remaining-tokens report only
+    # when it is this much (plus the request's own cost) below the bucket. Smaller gaps are
+    # timing noise between replicas and the region, not a hidden consumer
+
+
+@dataclass(frozen=True)
+class LatencyWeighting:
+    """Weigh regions by (fastest latency per output token / theirs) ** strength, so a
+    region that slows down gets less traffic before it starts answering 429."""
+
+    enabled: bool = False
+    strength: float = 1.0
+
+
+@dataclass(frozen=True)
+class AdmissionQueue:
+    """When no region can take a request now, let it wait for capacity (refill or the
+    end of a cooldown) up to a deadline instead of answering 429 at once."""
+
+    enabled: bool = True
+    max_wait_ms: int = 30_000  # cap on x-balancer-max-wait-ms
+    default_wait_ms: Mapping[str, int] = field(default_factory=lambda: {
+        "chat/completions": 0, "completions": 0, "embeddings": 0})
+    classes: Mapping[str, int] = field(default_factory=lambda: {"low": 0, "normal": 1,
+                                                                 "high": 2})
+    default_class: str = "normal"
+    priority_header: bool = False  # honour x-balancer-priority from clients
+    class_head_start_seconds: float = 10.0  # each class above another counts as having
+    # arrived this much earlier: bounded, so a lower class waiting longer still goes first
 
 
 @dataclass(frozen=True)
@@ -135,6 +177,9 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     regions: tuple[Region, ...] = ()
+    learned_capacity: LearnedCapacity = field(default_factory=LearnedCapacity)
+    latency_weighting: LatencyWeighting = field(default_factory=LatencyWeighting)
+    admission_queue: AdmissionQueue = field(default_factory=AdmissionQueue)
     source: str = "<defaults>"
 
     @property
@@ -298,7 +343,9 @@ class _Validator:
     # -- sections ----------------------------------------------------------------
 
     def config(self, raw: Any, file: str) -> Config:
-        top = self.mapping(raw, "", {"listen", "store", "gateway", "regions"})
+        top = self.mapping(raw, "", {"listen", "store", "gateway", "regions",
+                                     "learned_capacity", "latency_weighting",
+                                     "admission_queue"})
         if raw is None:
             self.fail("", "the file is empty")
         return Config(
@@ -306,7 +353,76 @@ class _Validator:
             store=self.store(top.get("store"), "store"),
             gateway=self.gateway(top.get("gateway"), "gateway"),
             regions=self.regions(top.get("regions"), "regions"),
+            learned_capacity=self.learned(top.get("learned_capacity"), "learned_capacity"),
+            latency_weighting=self.latency(top.get("latency_weighting"), "latency_weighting"),
+            admission_queue=self.queue(top.get("admission_queue"), "admission_queue"),
             source=file,
+        )
+
+    def queue(self, raw: Any, path: str) -> AdmissionQueue:
+        d = AdmissionQueue()
+        m = self.mapping(raw, path, set(AdmissionQueue.__dataclass_fields__))
+        waits = dict(d.default_wait_ms)
+        p = _join(path, "default_wait_ms")
+        for op, value in self.mapping(m.get("default_wait_ms"), p, set(waits)).items():
+            waits[op] = self.number(value, _join(p, op), 0, integer=True)
+        classes = dict(d.classes)
+        if m.get("classes") is not None:
+            p = _join(path, "classes")
+            raw_classes = m.get("classes")
+            if not isinstance(raw_classes, dict) or not raw_classes:
+                self.fail(p, "must be a non-empty mapping of class name to rank")
+            else:
+                classes = {}
+                for name, rank in raw_classes.items():
+                    if not isinstance(name, str) or not NAME.match(name):
+                        self.fail(_join(p, str(name)), "class names must be letters, digits, "
+                                                        "'.', '_' or '-'")
+                        continue
+                    classes[name] = self.number(rank, _join(p, name), 0, integer=True)
+        default_class = self.string(m.get("default_class"), _join(path, "default_class")) \
+            or d.default_class
+        if default_class not in classes:
+            self.fail(_join(path, "default_class"),
+                      f"must be one of the classes ({', '.join(classes)}), got {default_class!r}")
+        return AdmissionQueue(
+            enabled=self.boolean(m.get("enabled"), _join(path, "enabled"), d.enabled),
+            max_wait_ms=self.number(m.get("max_wait_ms"), _join(path, "max_wait_ms"),
+                                    d.max_wait_ms, integer=True),
+            default_wait_ms=waits,
+            classes=classes,
+            default_class=default_class,
+            priority_header=self.boolean(m.get("priority_header"),
+                                         _join(path, "priority_header"), d.priority_header),
+            class_head_start_seconds=self.number(
+                m.get("class_head_start_seconds"), _join(path, "class_head_start_seconds"),
+                d.class_head_start_seconds),
+        )
+
+    def learned(self, raw: Any, path: str) -> LearnedCapacity:
+        d = LearnedCapacity()
+        m = self.mapping(raw, path, set(LearnedCapacity.__dataclass_fields__))
+        min_factor = self.number(m.get("min_factor"), _join(path, "min_factor"), d.min_factor,
+                                 exclusive=True)
+        if min_factor > 1:
+            self.fail(_join(path, "min_factor"), f"must be <= 1, got {min_factor}")
+        return LearnedCapacity(
+            enabled=self.boolean(m.get("enabled"), _join(path, "enabled"), d.enabled),
+            min_factor=min(min_factor, 1.0),
+            recovery_per_minute=self.number(m.get("recovery_per_minute"),
+                                            _join(path, "recovery_per_minute"),
+                                            d.recovery_per_minute),
+            evidence_margin=self.number(m.get("evidence_margin"), _join(path, "evidence_margin"),
+                                        d.evidence_margin),
+        )
+
+    def latency(self, raw: Any, path: str) -> LatencyWeighting:
+        d = LatencyWeighting()
+        m = self.mapping(raw, path, set(LatencyWeighting.__dataclass_fields__))
+        return LatencyWeighting(
+            enabled=self.boolean(m.get("enabled"), _join(path, "enabled"), d.enabled),
+            strength=self.number(m.get("strength"), _join(path, "strength"), d.strength,
+                                 exclusive=True),
         )
 
     def listen(self, raw: Any, path: str) -> Listen:
@@ -352,6 +468,7 @@ class _Validator:
             deadline_seconds=num("deadline_seconds", exclusive=True),
             connect_timeout_seconds=num("connect_timeout_seconds", exclusive=True),
             read_timeout_seconds=num("read_timeout_seconds", exclusive=True),
+            body_timeout_seconds=num("body_timeout_seconds", exclusive=True),
             max_body_bytes=num("max_body_bytes", minimum=1024, integer=True),
             default_cooldown_seconds=num("default_cooldown_seconds"),
             circuit_failures=num("circuit_failures", minimum=1, integer=True),

@@ -60,6 +60,14 @@ class Metrics:
         self.region_tpm = Gauge(
             "balancer_region_tpm", "A region's configured tokens-per-minute quota for a model.",
             ["model", "region"], registry=r)
+        self.capacity_factor = Gauge(
+            "balancer_effective_capacity_ratio", "Learned share of a region's configured "
+            "token capacity that the gateway uses (1 = all; lower after unexpected 429s).",
+            ["model", "region"], registry=r)
+        self.latency_per_token = Gauge(
+            "balancer_latency_per_token_seconds", "Smoothed seconds per output token of a "
+            "region, shared across replicas (0 until sampled; only with latency weighting).",
+            ["model", "region"], registry=r)
         self.cooldown = Gauge(
             "balancer_region_cooldown_seconds", "Seconds left before a cooled-down region "
             "is used again (0 when usable).", ["model", "region"], registry=r)
@@ -78,5 +86,33 @@ class Metrics:
         self.config_reloads = Counter(
             "balancer_config_reloads", "Attempts to reload regions.yaml, by result "
             "(success, failure).", ["result"], registry=r)
+        self.queue_depth = Gauge(
+            "balancer_queue_depth", "Requests of this replica waiting in the admission queue "
+            "for capacity.", ["model"], registry=r)
+        self.admission_wait = Histogram(
+            "balancer_admission_wait_seconds", "Time queued requests waited for capacity, by "
+            "outcome (admitted, rejected at their deadline).", ["model", "outcome"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60), registry=r)
         self.in_flight = Gauge(
             "balancer_in_flight_requests", "Client requests being served now.", registry=r)
+        self.event_loop_lag = Gauge(
+            "balancer_event_loop_lag_seconds", "How late the event loop ran a 0.1 s timer, "
+            "worst over the last second: blocking work delays every request by as much.",
+            registry=r)
+
+
+def markdown() -> str:
+    """The README's metric table (`python -m balancer.metrics`), from the definitions."""
+    rows = ["| name | type | labels | meaning |", "|---|---|---|---|"]
+    for name, metric in vars(Metrics()).items():
+        if name == "registry":
+            continue
+        kind = type(metric).__name__.lower()
+        full = metric._name + ("_total" if kind == "counter" else "")
+        labels = ", ".join(metric._labelnames) or "—"
+        rows.append(f"| `{full}` | {kind} | {labels} | {metric._documentation} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown())

@@ -96,6 +96,15 @@ def throttle_seconds(h: Mapping[str, str], default: float) -> float:
     return default
 
 
+def remaining_tokens(h: Mapping[str, str]) -> int | None:
+    """`x-ratelimit-remaining-tokens`, or None when missing, malformed or -1 (which
+    Azure sends when it does not know)."""
+    value = _number(h.get("x-ratelimit-remaining-tokens"))
+    if value is None or value < 0:
+        return None
+    return int(value)
+
+
 def _number(value: str | None) -> float | None:
     if value is None:
         return None

@@ -14,6 +14,10 @@ from typing import Any
 from balancer.errors import ClientError
 
 MAX_TOKENS_LIMIT = 1_000_000  # above any model's context; bounds the debt one request can make
+# Deepest JSON nesting accepted. Real requests, tool schemas included, stay far below;
+# deeper bodies only serve to exhaust recursion in whatever parses them next (ours:
+# the cost estimate; the upstream's), so they are refused here, before any region.
+MAX_DEPTH = 64
 
 
 @dataclass(slots=True)
@@ -34,11 +38,17 @@ def parse(operation: str, raw: bytes, path_model: str | None) -> ClientRequest:
     if not raw:
         raise _bad("The request body is empty; send a JSON object.", code="invalid_json")
     try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
+        body = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+    except ValueError:
         raise _bad("The request body is not valid JSON.", code="invalid_json") from None
+    except RecursionError:
+        raise _too_deep() from None
     if not isinstance(body, dict):
         raise _bad("The request body must be a JSON object.", code="invalid_json")
+    # Counting brackets (strings included) over-estimates the depth: the walk runs
+    # only for the rare body that might be too deep.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _deeper_than(body, MAX_DEPTH):
+        raise _too_deep()
 
     model = path_model if path_model is not None else body.get("model")
     if path_model is None:
@@ -86,6 +96,32 @@ def parse(operation: str, raw: bytes, path_model: str | None) -> ClientRequest:
         raise _bad("'stream_options' must be an object.", "stream_options", "invalid_type")
     include_usage = bool(options and options.get("include_usage") is True)
     return ClientRequest(operation, model, body, raw, stream, include_usage)
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+# json.loads, minus NaN and Infinity: Python accepts them, JSON (and so the upstream)
+# does not. One decoder for all: json.loads with a keyword builds one per call.
+_DECODER = json.JSONDecoder(parse_constant=_not_json)
+
+
+def _too_deep() -> ClientError:
+    return _bad(f"The request body nests JSON deeper than {MAX_DEPTH} levels.",
+                code="invalid_json")
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether objects and arrays nest more than `limit` levels (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
 
 
 def _is_int(value: Any) -> bool:

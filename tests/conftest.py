@@ -16,6 +16,7 @@ from balancer import embedded, simulator
 from balancer.capacity.base import CapacityStore
 from balancer.config import Config
 from balancer.gateway import create_app
+from balancer.protocol import GatewayRunner
 from balancer.simulator import SimConfig, SimDeployment, SimRegion
 
 SMALL = {"big": 60_000, "medium": 30_000, "small": 12_000}
@@ -77,7 +78,7 @@ async def stack() -> AsyncIterator[StackFactory]:
         runners.append(sim_runner)
         cfg = embedded.with_simulated_endpoints(config, sim_url)
         app = create_app(cfg, store=store, api_keys=api_keys)
-        runner = web.AppRunner(app, access_log=None)
+        runner = GatewayRunner(app, access_log=None)  # what `balancer serve` runs
         await runner.setup()
         port = free_port()
         await web.TCPSite(runner, "127.0.0.1", port).start()

@@ -62,18 +62,20 @@ class Procs:
     def log(self, name: str) -> str:
         return (self.workdir / f"{name}.log").read_text(errors="replace")
 
-    def redis(self, port: int | None = None) -> tuple[subprocess.Popen[bytes], int]:
+    def redis(self, port: int | None = None, *extra: str) -> tuple[subprocess.Popen[bytes], int]:
+        """A redis-server on `port` (default: a free one); `extra` are more server options,
+        e.g. "--enable-debug-command", "yes" or "--requirepass", PW."""
         port = port or free_port()
         binary = shutil.which("redis-server")
         assert binary, "redis-server is required (.ci/run installs it)"
         proc = self.spawn(f"redis-{port}", [binary, "--port", str(port), "--bind", "127.0.0.1",
-                                            "--save", "", "--appendonly", "no"])
+                                            "--save", "", "--appendonly", "no", *extra])
         deadline = time.monotonic() + 10
         while True:
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):  # up (maybe locked)
                         return proc, port
             except OSError:
                 pass
