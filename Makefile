@@ -1,8 +1,10 @@
-# The two commands of the quick start: `make run` and `make test`.
+# The two commands of the quick start: `make run` and `make test`; `make bench` for
+# the benchmarks (BENCHMARKS.md).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: run test lint check bench clean
 
@@ -11,6 +13,28 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+# The bench extra (matplotlib) only here, so `make test` stays light.
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+## Both benchmarks with default settings (about 4 minutes): Markdown tables on stdout,
+## bench/results/{balance,overhead}-*.json and bench/results/latest.png. They need
+## redis-server and, for the overhead one, wrk: installed with apt-get when missing and
+## possible (root), else the overhead benchmark falls back to Python load processes.
+bench: $(BENCH_STAMP)
+	@missing=""; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v wrk >/dev/null 2>&1 || missing="$$missing wrk"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing:$$missing (apt-get install$$missing)"; fi; \
+	fi
+	$(BIN)/balancer bench balance $(BALANCE_ARGS)
+	$(BIN)/balancer bench overhead $(OVERHEAD_ARGS)
 
 ## Start the gateway on :8080 against the eight built-in simulated regions
 ## (in-process store unless REDIS_URL is set).

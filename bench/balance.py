@@ -1,0 +1,566 @@
+"""Balancing benchmark: how much of the paid-for quota each strategy delivers.
+
+    balancer bench balance             # from the repository root
+
+The simulator serves the reference regions of regions.yaml (their real TPM; the
+lowest-priority tier of the model, so the OpenAI fallback is left out). For each
+strategy, one after the other on a fresh simulator: three proxy or gateway replicas run
+as separate processes, and load-generator processes send an open-loop mix (prompts of
+200-3,000 tokens, max_tokens 50-1,000, a fifth of them streamed) at a multiple of the
+total capacity. Time is compressed (by default 10x: a simulated minute lasts 6 s).
+
+Strategies, side by side in one run:
+  (a) naive:  uniform shuffle, failover on 429 (bench/naive_proxy.py --mode uniform)
+  (b) static: static TPM weights per replica, no shared store (--mode static)
+  (c) redis:  `balancer serve` replicas sharing a Redis capacity store
+  (d) later:  (c) plus later policies (LATER_POLICIES), skipped while none exists
+
+Delivered TPM = the estimated cost (prompt + max_tokens, what Azure's quota counter
+charges) of the requests the regions admitted, per simulated minute, over the steady
+state (after the first simulated minute), as a share of the total configured TPM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from balancer import config as config_mod
+from balancer import cost
+from balancer.config import ConfigError
+from bench import report
+from bench.loadgen import Mix, merge
+from bench.procs import PYTHON, ROOT, Procs, get_json
+
+SIM_KEY = "bench-key"
+API_VERSION = "2024-06-01"
+
+
+def later_policies_for(time_scale: float) -> dict[str, dict[str, Any]]:
+    """(d): policies layered on (c), each as top-level regions.yaml sections. Add one here
+    when it exists; while the config does not know a section, that policy is skipped with
+    a note, so the slot costs nothing until then."""
+    # Waits are real milliseconds: 10 simulated seconds, whatever the time compression.
+    wait_ms = round(10_000 / time_scale)
+    return {
+        "latency-aware weighting": {"latency_weighting": {"enabled": True}},
+        f"admission queue (requests wait up to 10 simulated s = {wait_ms} ms)": {
+            "admission_queue": {"enabled": True, "default_wait_ms": {
+                "chat/completions": wait_ms, "completions": wait_ms}}},
+    }
+
+
+@dataclass
+class Strategy:
+    key: str
+    label: str
+    kind: str  # "proxy" | "gateway"
+    mode: str = ""  # naive_proxy --mode
+    sections: dict[str, Any] = field(default_factory=dict)  # extra regions.yaml sections
+
+
+STRATEGIES = {
+    "naive": Strategy("naive", "(a) naive proxy: uniform shuffle + failover", "proxy",
+                      "uniform"),
+    "static": Strategy("static", "(b) static TPM weights, no shared store", "proxy", "static"),
+    "redis": Strategy("redis", "(c) balancer, shared Redis capacity", "gateway"),
+    "later": Strategy("later", "(d) (c) + later policies", "gateway"),
+}
+
+
+# --------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Region:
+    name: str
+    tpm: int
+    rpm: int
+
+
+def reference_regions(path: str, model: str) -> tuple[list[Region], dict[str, Any]]:
+    """The model's best-priority regions of `path` and the gateway settings to keep."""
+    cfg = config_mod.load(path, simulate=True)
+    targets = cfg.models.get(model)
+    if not targets:
+        raise SystemExit(f"{path}: no region serves the model {model!r}")
+    best = min(t.priority for t in targets)
+    regions = [Region(t.region.name, t.deployment.tpm, t.deployment.rpm)
+               for t in targets if t.priority == best]
+    gw = cfg.gateway
+    keep = {"max_attempts": gw.max_attempts, "burst_seconds": gw.burst_seconds,
+            "rpm_burst_seconds": gw.rpm_burst_seconds,
+            "default_cooldown_seconds": gw.default_cooldown_seconds,
+            "connect_timeout_seconds": gw.connect_timeout_seconds,
+            "read_timeout_seconds": gw.read_timeout_seconds}
+    return regions, keep
+
+
+def bench_config(regions: list[Region], model: str, gateway: dict[str, Any],
+                 sections: dict[str, Any] | None = None) -> str:
+    """A regions.yaml for the benchmark: every region at its real TPM and RPM, served by
+    the simulator (${SIM_URL}), the store from ${STORE_URL}; `sections` are further
+    top-level sections (JSON is YAML)."""
+    lines = ['store: {url: "${STORE_URL}"}', f"gateway: {json.dumps(gateway)}"]
+    lines += [f"{k}: {json.dumps(v)}" for k, v in (sections or {}).items()]
+    lines.append("regions:")
+    for r in regions:
+        lines += [f"  - name: {r.name}", "    kind: azure",
+                  f"    endpoint: ${{SIM_URL}}/{r.name}", f"    api_key: {SIM_KEY}",
+                  f'    api_version: "{API_VERSION}"', "    deployments:",
+                  f"      {model}: {{deployment: {model}, tpm: {r.tpm}, rpm: {r.rpm}}}"]
+    return "\n".join(lines) + "\n"
+
+
+def later_policies(time_scale: float) -> tuple[dict[str, Any], list[str], list[str]]:
+    """The sections of the later policies this build's config accepts, their names, and
+    notes on the others."""
+    accepted: dict[str, Any] = {}
+    names, notes = [], []
+    for name, sections in later_policies_for(time_scale).items():
+        text = bench_config([Region("probe", 1000, 6)], "m", {"time_scale": 1}, sections)
+        try:
+            config_mod.parse(text, "probe.yaml", {"SIM_URL": "http://x", "STORE_URL": "memory://"})
+        except ConfigError as exc:
+            notes.append(f"{name}: not available in this build "
+                         f"({str(exc).splitlines()[0]}).")
+            continue
+        accepted.update(sections)
+        names.append(name)
+    return accepted, names, notes
+
+
+def mean_cost(mix: Mix, samples: int = 4000) -> float:
+    """Mean estimated cost (prompt + max_tokens) of the mix, as the gateway and the
+    simulator count it."""
+    rng = random.Random(12345)
+    total = 0
+    for _ in range(samples):
+        body = mix.body(rng)
+        total += cost.estimate("chat/completions", body, 1024).total
+    return total / samples
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+class Sampler(threading.Thread):
+    """Polls the simulator's counters every `interval` seconds."""
+
+    def __init__(self, url: str, model: str, interval: float):
+        super().__init__(daemon=True)
+        self.url, self.model, self.interval = url, model, interval
+        self.samples: list[tuple[float, dict[str, dict[str, int]]]] = []
+        self.stop = threading.Event()
+
+    def take(self) -> None:
+        stats = get_json(f"{self.url}/_sim/stats")["regions"]
+        now = time.monotonic()
+        self.samples.append((now, {r: deps[self.model] for r, deps in stats.items()
+                                   if self.model in deps}))
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            try:
+                self.take()
+            except OSError:
+                pass
+
+
+def at(samples: list[tuple[float, dict[str, dict[str, int]]]], t: float, region: str,
+       key: str) -> float:
+    """A counter at time t, interpolated between samples."""
+    prev = samples[0]
+    if t <= prev[0]:
+        return prev[1][region][key]
+    for cur in samples[1:]:
+        if cur[0] >= t:
+            a, b = prev[1][region][key], cur[1][region][key]
+            span = cur[0] - prev[0]
+            return a + (b - a) * ((t - prev[0]) / span if span > 0 else 1.0)
+        prev = cur
+    return prev[1][region][key]
+
+
+# --------------------------------------------------------------------------- one strategy
+
+
+def run_strategy(strategy: Strategy, regions: list[Region], keep: dict[str, Any],
+                 args: argparse.Namespace, mix: Mix, rate: float, workdir: Path,
+                 progress: report.Progress, redis_port: int | None) -> dict[str, Any]:
+    sim_minute = 60.0 / args.time_scale
+    duration = args.minutes * sim_minute
+    wd = workdir / strategy.key
+    gateway = {"time_scale": args.time_scale, **keep}
+    config = wd / "regions.yaml"
+    wd.mkdir(parents=True, exist_ok=True)
+    config.write_text(bench_config(regions, args.model, gateway, strategy.sections))
+    store = f"redis://127.0.0.1:{redis_port}/{args.strategies.index(strategy.key)}" \
+        if redis_port else "memory://"
+    env = {"STORE_URL": store, "SIM_URL": "http://127.0.0.1:1",
+           "BALANCER_LOG_LEVEL": args.log_level}
+    with Procs(wd) as procs:
+        sim = procs.server("simulator", [
+            PYTHON, "-m", "balancer.cli", "simulate", "--config", str(config), "--port",
+            "{port}", "--time-scale", f"{args.time_scale:g}", "--seed", str(args.seed)],
+            "/_sim/stats", env)
+        env["SIM_URL"] = sim
+        replicas = []
+        for i in range(args.replicas):
+            if strategy.kind == "proxy":
+                cmd = [PYTHON, "-m", "bench.naive_proxy", "--mode", strategy.mode, "--config",
+                       str(config), "--port", "{port}"]
+            else:
+                cmd = [PYTHON, "-m", "balancer.cli", "serve", "--config", str(config),
+                       "--host", "127.0.0.1", "--port", "{port}"]
+            replicas.append(procs.server(f"replica-{i}", cmd, "/healthz", env))
+        sampler = Sampler(sim, args.model, args.sample_interval)
+        sampler.take()
+        clients = []
+        started = time.monotonic()
+        for i in range(args.clients):
+            out = wd / f"client-{i}.json"
+            cmd = [PYTHON, "-m", "bench.loadgen", "--rate", f"{rate / args.clients:.4f}",
+                   "--duration", f"{duration:g}", "--model", args.model,
+                   "--prompt-tokens", "{}:{}".format(*mix.prompt_tokens),
+                   "--max-tokens", "{}:{}".format(*mix.max_tokens),
+                   "--stream-fraction", str(mix.stream_fraction),
+                   "--seed", str(args.seed * 100 + i), "--out", str(out)]
+            for url in replicas[i % len(replicas):] + replicas[:i % len(replicas)]:
+                cmd += ["--target", url]
+            clients.append((procs.spawn(f"client-{i}", cmd), out))
+        sampler.start()
+        total_tpm = sum(r.tpm for r in regions)
+        try:
+            while any(p.poll() is None for p, _ in clients):
+                elapsed = time.monotonic() - started
+                if elapsed > duration + 150:
+                    raise RuntimeError(f"{strategy.key}: load generators did not finish")
+                progress.update(_live(strategy, sampler, elapsed, duration, total_tpm,
+                                      args.time_scale))
+                time.sleep(0.5)
+        finally:
+            sampler.stop.set()
+            sampler.join(5)
+        sampler.take()
+        for proc, _ in clients:
+            if proc.returncode != 0:
+                raise RuntimeError(f"a load generator failed:\n{procs.log('client-0')[-2000:]}")
+        reports = [json.loads(out.read_text()) for _, out in clients]
+    return analyse(strategy, regions, sampler.samples, merge(reports), started, args)
+
+
+def _live(strategy: Strategy, sampler: Sampler, elapsed: float, duration: float,
+          total_tpm: int, time_scale: float) -> str:
+    text = f"balance {report.bar(min(1.0, elapsed / duration))} {strategy.label:45.45s} " \
+           f"{min(elapsed, duration):5.1f}/{duration:.0f} s"
+    samples = sampler.samples
+    if len(samples) >= 2 and samples[-1][0] > samples[0][0]:
+        (t0, a), (t1, b) = samples[0], samples[-1]
+        admitted = sum(b[r]["admitted_tokens"] - a[r]["admitted_tokens"] for r in b)
+        calls = sum(b[r]["requests"] - a[r]["requests"] for r in b)
+        throttled = sum(b[r]["throttled"] - a[r]["throttled"] for r in b)
+        tpm = admitted / ((t1 - t0) * time_scale / 60)
+        text += f"  delivered {tpm / total_tpm:6.1%}  upstream 429s " \
+                f"{throttled / max(calls, 1):6.1%}"
+    return text
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def analyse(strategy: Strategy, regions: list[Region],
+            samples: list[tuple[float, dict[str, dict[str, int]]]], client: dict[str, Any],
+            started: float, args: argparse.Namespace) -> dict[str, Any]:
+    sim_minute = 60.0 / args.time_scale
+    warm_end = started + args.warmup_minutes * sim_minute
+    load_end = started + args.minutes * sim_minute
+    steady_minutes = args.minutes - args.warmup_minutes
+    total_tpm = sum(r.tpm for r in regions)
+
+    def delta(key: str, region: str, t0: float, t1: float) -> float:
+        return at(samples, t1, region, key) - at(samples, t0, region, key)
+
+    per_region = {}
+    for r in regions:
+        admitted = delta("admitted_tokens", r.name, warm_end, load_end)
+        used = (delta("prompt_tokens", r.name, warm_end, load_end)
+                + delta("completion_tokens", r.name, warm_end, load_end))
+        final = samples[-1][1][r.name]
+        per_region[r.name] = {
+            "tpm": r.tpm, "utilisation": admitted / (r.tpm * steady_minutes),
+            "admitted_tpm": admitted / steady_minutes, "used_tpm": used / steady_minutes,
+            "calls": final["requests"], "throttled": final["throttled"],
+            "peak_window_tokens": final["peak_window_tokens"]}
+    admitted_tpm = sum(v["admitted_tpm"] for v in per_region.values())
+    whole_admitted = sum(delta("admitted_tokens", r.name, started, load_end) for r in regions)
+    calls = sum(v["calls"] for v in per_region.values())
+    throttled = sum(v["throttled"] for v in per_region.values())
+    statuses = client["statuses"]
+    sent = max(1, client["sent"])
+    ok = statuses.get("200", 0)
+    rejected = statuses.get("429", 0)
+    errors = sum(n for s, n in statuses.items() if s not in ("200", "429"))
+    latencies = client["latencies"]
+    return {
+        "key": strategy.key, "label": strategy.label, "sections": strategy.sections,
+        "delivered_tpm": admitted_tpm, "delivered": admitted_tpm / total_tpm,
+        "delivered_whole_run": whole_admitted / (total_tpm * args.minutes),
+        "used_tpm": sum(v["used_tpm"] for v in per_region.values()),
+        "upstream_calls": calls, "upstream_429": throttled,
+        "upstream_429_rate": throttled / max(calls, 1),
+        "calls_per_request": calls / sent,
+        "client": {"sent": client["sent"], "statuses": statuses, "ok": ok,
+                   "rejected_429": rejected / sent, "errors": errors / sent,
+                   "error_samples": client["errors"][:5],
+                   "p50": report.percentile(latencies, 50),
+                   "p99": report.percentile(latencies, 99),
+                   "tokens": client["tokens"]},
+        "regions": per_region,
+        "timeline": timeline(samples, regions, started, args),
+    }
+
+
+def timeline(samples: list[tuple[float, dict[str, dict[str, int]]]], regions: list[Region],
+             started: float, args: argparse.Namespace) -> dict[str, Any]:
+    """Per-region utilisation over time: admitted tokens over a trailing half simulated
+    minute, as a share of the region's TPM; x in simulated minutes."""
+    sim_minute = 60.0 / args.time_scale
+    window = 0.5 * sim_minute
+    out: dict[str, Any] = {"minutes": [], "regions": {r.name: [] for r in regions}}
+    t = started + window
+    end = started + args.minutes * sim_minute
+    step = max(args.sample_interval, sim_minute / 24)
+    while t <= end + 1e-9:
+        out["minutes"].append(round((t - started) / sim_minute, 3))
+        for r in regions:
+            tokens = at(samples, t, r.name, "admitted_tokens") - \
+                at(samples, t - window, r.name, "admitted_tokens")
+            out["regions"][r.name].append(round(tokens / (r.tpm * 0.5), 4))
+        t += step
+    return out
+
+
+# --------------------------------------------------------------------------- output
+
+
+def render(record: dict[str, Any]) -> str:
+    s = record["settings"]
+    results = record["strategies"]
+    rows = []
+    for res in results:
+        c = res["client"]
+        rows.append([res["label"], f"{res['delivered_tpm'] / 1000:,.0f}K",
+                     report.pct(res["delivered"]), f"{res['used_tpm'] / 1000:,.0f}K",
+                     report.pct(res["upstream_429_rate"], 2), f"{res['calls_per_request']:.2f}",
+                     report.pct(c["rejected_429"]), report.pct(c["errors"], 2),
+                     report.ms(c["p50"]), report.ms(c["p99"])])
+    out = [report.table(
+        ["strategy", "delivered TPM", "% of total", "used TPM", "upstream 429s",
+         "calls/request", "client 429s", "client errors", "p50", "p99"], rows)]
+    region_rows = []
+    for name, tpm in record["regions"].items():
+        region_rows.append([name, f"{tpm // 1000}K"] + [
+            report.pct(res["regions"][name]["utilisation"], 0) for res in results])
+    out.append("Per-region utilisation (admitted estimated tokens / the region's TPM, "
+               "steady state):\n\n" + report.table(
+                   ["region", "TPM"] + [res["label"][:3] for res in results], region_rows))
+    target = record.get("targets")
+    if target:
+        out.append("Targets for (c):\n\n" + report.table(
+            ["target", "measured", "goal", "met"],
+            [["delivered TPM, % of total", report.pct(target["delivered"]["value"]), "≥ 97%",
+              "yes" if target["delivered"]["met"] else "NO"],
+             ["upstream 429s, % of upstream calls",
+              report.pct(target["upstream_429"]["value"], 2), "≤ 0.5%",
+              "yes" if target["upstream_429"]["met"] else "NO"]], "lrrl"))
+    out.append(
+        f"Total capacity {record['total_tpm']:,} TPM over {len(record['regions'])} regions "
+        f"(regions.yaml; DESIGN.md's table says 480K, but its rows add up to 520K). Demand "
+        f"{s['demand']:g}x = {s['demand'] * record['total_tpm']:,.0f} TPM of estimated cost "
+        f"({s['rate']:.1f} req/s, mean cost {s['mean_cost']:,.0f} tokens); "
+        f"{s['replicas']} replicas, {s['clients']} load processes; time x{s['time_scale']:g} "
+        f"(a simulated minute = {60 / s['time_scale']:g} s); {s['minutes']:g} simulated "
+        f"minutes per strategy, the first {s['warmup_minutes']:g} excluded as warm-up. "
+        "Latency: successful requests, as clients saw them (streams: until the last byte).")
+    out += record["notes"]
+    return "\n\n".join(out)
+
+
+def plot(record: dict[str, Any], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    results = record["strategies"]
+    fig, axes = plt.subplots(len(results), 1, figsize=(11, 3.2 * len(results)), sharex=True,
+                             squeeze=False)
+    colors = plt.get_cmap("tab10")
+    warm = record["settings"]["warmup_minutes"]
+    for ax, res in zip(axes[:, 0], results, strict=True):
+        tl = res["timeline"]
+        for i, (name, values) in enumerate(tl["regions"].items()):
+            tpm = record["regions"][name]
+            ax.plot(tl["minutes"], [100 * v for v in values], color=colors(i), linewidth=1.4,
+                    label=f"{name} ({tpm // 1000}K)")
+        ax.axhline(100, color="black", linestyle="--", linewidth=0.8)
+        ax.axvspan(0, warm, color="grey", alpha=0.12, linewidth=0)
+        ax.set_ylim(0, 160)
+        ax.set_ylabel("utilisation %")
+        ax.set_title(f"{res['label']}: delivered {res['delivered']:.1%} of "
+                     f"{record['total_tpm'] // 1000}K TPM, upstream 429s "
+                     f"{res['upstream_429_rate']:.2%}", fontsize=10, loc="left")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(ncol=4, fontsize=8, loc="upper right")
+    axes[-1, 0].set_xlabel("simulated minutes (shaded: warm-up, excluded)")
+    fig.suptitle("Per-region utilisation over time (admitted estimated tokens per half "
+                 "simulated minute / TPM)", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    regions, keep = reference_regions(args.config, args.model)
+    if args.max_attempts:
+        keep["max_attempts"] = args.max_attempts
+    total_tpm = sum(r.tpm for r in regions)
+    span = lambda text: tuple(int(x) for x in text.split(":"))  # noqa: E731
+    mix = Mix(args.model, span(args.prompt_tokens), span(args.max_tokens),
+              args.stream_fraction)
+    mc = mean_cost(mix)
+    rate = args.demand * total_tpm * args.time_scale / 60 / mc
+    notes: list[str] = []
+    strategies = []
+    for key in args.strategies:
+        strategy = STRATEGIES[key]
+        if key == "later":
+            sections, names, later_notes = later_policies(args.time_scale)
+            notes += [f"(d) {n}" for n in later_notes]
+            if not sections:
+                notes.append("(d) skipped: none of the later policies (latency-aware "
+                             "weighting, admission queue) exists in this build yet.")
+                continue
+            notes.append(f"(d) = (c) + {' + '.join(names)}.")
+            strategy = Strategy(strategy.key, strategy.label, strategy.kind,
+                                sections=sections)
+        strategies.append(strategy)
+    need_redis = any(s.kind == "gateway" for s in strategies)
+    if need_redis and shutil.which("redis-server") is None:
+        raise SystemExit("redis-server is required for (c) (Debian package redis-server)")
+    workdir = Path(tempfile.mkdtemp(prefix="bench-balance-"))
+    progress = report.Progress(every=10)
+    results = []
+    with Procs(workdir / "redis") as procs:
+        redis_port = procs.redis() if need_redis else None
+        for strategy in strategies:
+            res = run_strategy(strategy, regions, keep, args, mix, rate, workdir, progress,
+                               redis_port if strategy.kind == "gateway" else None)
+            progress.done(f"{strategy.label}: delivered {res['delivered']:.1%}, upstream "
+                          f"429s {res['upstream_429_rate']:.2%}, client 429s "
+                          f"{res['client']['rejected_429']:.1%}")
+            results.append(res)
+    record: dict[str, Any] = {
+        "kind": "balance", "machine": report.machine(),
+        "settings": {"config": args.config, "model": args.model, "demand": args.demand,
+                     "time_scale": args.time_scale, "minutes": args.minutes,
+                     "warmup_minutes": args.warmup_minutes, "replicas": args.replicas,
+                     "clients": args.clients, "rate": rate, "mean_cost": mc,
+                     "prompt_tokens": mix.prompt_tokens, "max_tokens": mix.max_tokens,
+                     "stream_fraction": mix.stream_fraction, "max_attempts":
+                     keep["max_attempts"], "seed": args.seed},
+        "total_tpm": total_tpm, "regions": {r.name: r.tpm for r in regions},
+        "strategies": results, "notes": notes, "logs": str(workdir)}
+    redis_result = next((r for r in results if r["key"] == "redis"), None)
+    if redis_result is not None:
+        record["targets"] = {
+            "delivered": {"value": redis_result["delivered"], "target": 0.97,
+                          "met": redis_result["delivered"] >= 0.97},
+            "upstream_429": {"value": redis_result["upstream_429_rate"], "target": 0.005,
+                             "met": redis_result["upstream_429_rate"] <= 0.005}}
+    return record
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=str(ROOT / "regions.yaml"),
+                   help="the regions and TPM to simulate (default: the repository's "
+                        "regions.yaml)")
+    p.add_argument("--model", default="gpt-4")
+    p.add_argument("--demand", type=float, default=1.25,
+                   help="offered load as a multiple of total TPM (1.25)")
+    p.add_argument("--time-scale", type=float, default=10.0,
+                   help="time compression: 10 = a simulated minute lasts 6 s (10)")
+    p.add_argument("--minutes", type=float, default=5.0,
+                   help="simulated minutes per strategy, warm-up included (5)")
+    p.add_argument("--warmup-minutes", type=float, default=1.0,
+                   help="simulated minutes excluded from the steady state (1)")
+    p.add_argument("--strategies", default="naive,static,redis,later",
+                   type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                   help="comma-separated subset of naive,static,redis,later")
+    p.add_argument("--replicas", type=int, default=3, help="proxy/gateway processes (3)")
+    p.add_argument("--clients", type=int, default=3, help="load-generator processes (3)")
+    p.add_argument("--max-attempts", type=int, help="override gateway.max_attempts")
+    p.add_argument("--prompt-tokens", default="200:3000")
+    p.add_argument("--max-tokens", default="50:1000")
+    p.add_argument("--stream-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--sample-interval", type=float, default=0.25,
+                   help="seconds between reads of the simulator's counters")
+    p.add_argument("--log-level", default="WARNING", help="the replicas' log level")
+    p.add_argument("--out-dir", type=Path, default=report.RESULTS,
+                   help="where the JSON record and the PNG go (bench/results)")
+    p.add_argument("--no-write", action="store_true", help="print only, write no files")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="balancer bench balance", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return execute(p.parse_args(argv))
+
+
+def execute(args: argparse.Namespace) -> int:
+    unknown = [s for s in args.strategies if s not in STRATEGIES]
+    if unknown:
+        raise SystemExit(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
+    if args.warmup_minutes >= args.minutes:
+        raise SystemExit("--warmup-minutes must be less than --minutes")
+    started = time.monotonic()
+    when = report.stamp()
+    record = run(args)
+    record["seconds"] = round(time.monotonic() - started, 1)
+    print("## Balancing\n\n" + render(record) + "\n")
+    if not args.no_write:
+        png = plot(record, args.out_dir / f"balance-{when}.png")
+        if png is None:
+            print("PNG: skipped (matplotlib is not installed: pip install -e '.[bench]')")
+        else:
+            latest = args.out_dir / "latest.png"
+            shutil.copyfile(png, latest)
+            record["png"] = str(png)
+            print(f"PNG: {png} (and {latest})")
+        path = report.write_json("balance", record, args.out_dir, when)
+        print(f"record: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

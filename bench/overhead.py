@@ -1,0 +1,375 @@
+"""Overhead benchmark: what the gateway costs per request, side by side in one run.
+
+    balancer bench overhead            # from the repository root
+
+Every path is a separate process in front of the same simulated upstream with zero
+added latency (one region with an unlimited quota, so nothing is throttled):
+
+- direct:          the load generator talks to the simulator itself
+- passthrough:     bench/passthrough.py, a bare aiohttp proxy (the physical-limit baseline)
+- gateway-memory:  `balancer serve`, in-process capacity store
+- gateway-redis:   `balancer serve`, shared Redis store (a redis-server started here)
+- gateway-redis-quiet: the same at log level WARNING, without the access log (for
+                   information: the targets use gateway-redis, as shipped)
+- litellm:         its proxy on the same upstream, only if litellm is installed
+
+Each path is measured at concurrency 1 (serial latency) and 32 (throughput) with
+`wrk` (closed loop, keep-alive), or with several Python processes when wrk is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.procs import PYTHON, Procs
+
+SIM_KEY = "bench-key"
+API_VERSION = "2024-06-01"
+UPSTREAM_PATH = f"/bench/openai/deployments/gpt-4/chat/completions?api-version={API_VERSION}"
+CLIENT_PATH = "/v1/chat/completions"
+BODY = json.dumps({
+    "model": "gpt-4",
+    "messages": [
+        {"role": "system", "content": "You are a concise assistant for a benchmark."},
+        {"role": "user", "content": "Summarise in one sentence why a gateway must add little "
+                                    "latency and spend little CPU per request."},
+    ],
+    "max_tokens": 16,
+}, separators=(",", ":"))
+
+# One region with a quota nobody can exhaust: the benchmark measures the path, not 429s.
+CONFIG = f"""
+store: {{url: "${{STORE_URL}}"}}
+gateway: {{max_attempts: 3}}
+regions:
+  - name: bench
+    kind: azure
+    endpoint: ${{SIM_URL}}/bench
+    api_key: {SIM_KEY}
+    api_version: "{API_VERSION}"
+    deployments:
+      gpt-4: {{deployment: gpt-4, tpm: 1000000000, rpm: 1000000000}}
+"""
+
+LITELLM_CONFIG = """
+model_list:
+  - model_name: gpt-4
+    litellm_params:
+      model: azure/gpt-4
+      api_base: {sim}/bench
+      api_key: {key}
+      api_version: "{version}"
+"""
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = [==[{body}]==]
+{headers}
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {{"requests":%d,"duration_us":%d,"connect":%d,"read":%d,"write":%d,' ..
+    '"status":%d,"timeout":%d,"p50_us":%d,"p99_us":%d,"mean_us":%.1f}}\\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99), latency.mean))
+end
+"""
+
+
+# --------------------------------------------------------------------------- load
+
+
+def wrk_version() -> str | None:
+    binary = shutil.which("wrk")
+    if binary is None:
+        return None
+    out = subprocess.run([binary, "-v"], capture_output=True, text=True)
+    text = (out.stdout + out.stderr).strip().splitlines()
+    return text[0] if text else "wrk"
+
+
+def measure_wrk(url: str, headers: dict[str, str], concurrency: int, duration: float,
+                workdir: Path) -> dict[str, Any]:
+    lines = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in
+                      {"Content-Type": "application/json", **headers}.items())
+    script = workdir / "post.lua"
+    script.write_text(WRK_SCRIPT.format(body=BODY, headers=lines))
+    threads = 1 if concurrency < 8 else 2
+    seconds = max(1, math.ceil(duration))  # wrk takes whole seconds
+    cmd = ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "10s",
+           "-s", str(script), url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
+    for line in out.stdout.splitlines():
+        if line.startswith("WRKJSON "):
+            raw = json.loads(line[8:])
+            seconds = raw["duration_us"] / 1e6
+            errors = raw["connect"] + raw["read"] + raw["write"] + raw["status"] + raw["timeout"]
+            return {"rps": raw["requests"] / seconds, "requests": raw["requests"],
+                    "p50": raw["p50_us"] / 1e6, "p99": raw["p99_us"] / 1e6, "errors": errors}
+    raise RuntimeError(f"wrk printed no result: {out.stdout}\n{out.stderr}")
+
+
+def measure_python(url: str, headers: dict[str, str], concurrency: int, duration: float,
+                   workdir: Path, processes: int) -> dict[str, Any]:
+    body_file = workdir / "body.json"
+    body_file.write_text(BODY)
+    n = max(1, min(processes, concurrency))
+    shares = [concurrency // n + (1 if i < concurrency % n else 0) for i in range(n)]
+    procs = []
+    for i, share in enumerate(shares):
+        out = workdir / f"closedloop-{i}.json"
+        args = [PYTHON, "-m", "bench.closedloop", "--url", url, "--body-file", str(body_file),
+                "--concurrency", str(share), "--duration", f"{duration:g}", "--out", str(out)]
+        args += [a for k, v in headers.items() for a in ("--header", f"{k}={v}")]
+        procs.append((subprocess.Popen(args, cwd=Path(__file__).resolve().parents[1]), out))
+    results = []
+    for proc, out in procs:
+        try:
+            proc.wait(duration + 60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        results.append(json.loads(out.read_text()))
+    latencies = [x for r in results for x in r["latencies"]]
+    seconds = max(r["seconds"] for r in results)
+    errors = sum(r["errors"]["status"] + r["errors"]["connect"] for r in results)
+    return {"rps": len(latencies) / seconds, "requests": len(latencies),
+            "p50": report.percentile(latencies, 50), "p99": report.percentile(latencies, 99),
+            "errors": errors}
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def start_paths(procs: Procs, workdir: Path, log_level: str, include_litellm: bool
+                ) -> tuple[dict[str, tuple[str, dict[str, str]]], list[str]]:
+    """Start every path; returns name -> (URL to load, headers) and notes."""
+    notes: list[str] = []
+    config = workdir / "regions.yaml"
+    config.write_text(CONFIG)
+    sim = procs.server("simulator", [
+        PYTHON, "-m", "balancer.cli", "simulate", "--config", str(config), "--port", "{port}",
+        "--latency-base-ms", "0", "--latency-per-token-ms", "0", "--seed", "1"],
+        "/_sim/stats", env={"SIM_URL": "http://127.0.0.1:1", "STORE_URL": "memory://"})
+    upstream = sim + UPSTREAM_PATH
+    paths: dict[str, tuple[str, dict[str, str]]] = {"direct": (upstream, {"api-key": SIM_KEY})}
+    pt = procs.server("passthrough", [
+        PYTHON, "-m", "bench.passthrough", "--port", "{port}", "--upstream", upstream,
+        "--header", f"api-key={SIM_KEY}"], "/healthz")
+    paths["passthrough"] = (pt + CLIENT_PATH, {})
+    redis_port = procs.redis()
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    for name, store, level in (("gateway-memory", "memory://", log_level),
+                               ("gateway-redis", redis_url, log_level),
+                               ("gateway-redis-quiet", redis_url, "WARNING")):
+        env = {"SIM_URL": sim, "STORE_URL": store, "BALANCER_LOG_LEVEL": level}
+        url = procs.server(name, [PYTHON, "-m", "balancer.cli", "serve", "--config", str(config),
+                                  "--host", "127.0.0.1", "--port", "{port}"], "/healthz", env)
+        paths[name] = (url + CLIENT_PATH, {})
+    litellm = shutil.which("litellm") or str(Path(PYTHON).with_name("litellm"))
+    if not include_litellm:
+        notes.append("litellm: skipped (--no-litellm).")
+    elif importlib.util.find_spec("litellm") is None or not Path(litellm).exists():
+        notes.append("litellm: skipped: not installed (optional peer row; `pip install "
+                     "'litellm[proxy]'` to include it).")
+    else:
+        lcfg = workdir / "litellm.yaml"
+        lcfg.write_text(LITELLM_CONFIG.format(sim=sim, key=SIM_KEY, version=API_VERSION))
+        try:
+            url = procs.server("litellm", [litellm, "--config", str(lcfg), "--host", "127.0.0.1",
+                                           "--port", "{port}", "--num_workers", "1"],
+                               "/health/liveliness")
+            paths["litellm"] = (url + CLIENT_PATH, {"Authorization": "Bearer sk-bench"})
+        except RuntimeError as exc:
+            notes.append(f"litellm: skipped: its proxy did not start ({str(exc)[:200]}).")
+    return paths, notes
+
+
+def check_path(name: str, url: str, headers: dict[str, str]) -> None:
+    """One request must succeed with usage, or the numbers would mean nothing."""
+    import urllib.request
+
+    req = urllib.request.Request(url, data=BODY.encode(), method="POST",
+                                 headers={"Content-Type": "application/json", **headers})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        payload = json.loads(r.read())
+    if "usage" not in payload:
+        raise RuntimeError(f"{name}: no usage in {payload}")
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    loadgen = args.loadgen
+    version = wrk_version()
+    if loadgen == "auto":
+        loadgen = "wrk" if version else "python"
+    if loadgen == "wrk" and version is None:
+        raise SystemExit("wrk is not installed (Debian: apt-get install wrk); "
+                         "use --loadgen python")
+    notes: list[str] = []
+    if loadgen == "python":
+        notes.append("load generator: Python closed loop in several processes (wrk not "
+                     "found): its ceiling is the direct row; paths near it are limited by it.")
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    workdir = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
+    progress = report.Progress(every=10)
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    with Procs(workdir) as procs:
+        paths, path_notes = start_paths(procs, workdir, args.gateway_log_level,
+                                        not args.no_litellm)
+        notes += path_notes
+        for name, (url, headers) in paths.items():
+            check_path(name, url, headers)
+        steps = args.rounds * len(concurrencies) * len(paths)
+        step = 0
+        for rnd in range(args.rounds):
+            for c in concurrencies:
+                for name, (url, headers) in paths.items():
+                    step += 1
+                    progress.update(f"overhead {report.bar(step / steps)} round {rnd + 1}/"
+                                    f"{args.rounds} c={c} {name}", force=True)
+
+                    def once(seconds: float, url: str = url, headers: dict[str, str] = headers,
+                             c: int = c) -> dict[str, Any]:
+                        if loadgen == "wrk":
+                            return measure_wrk(url, headers, c, seconds, workdir)
+                        return measure_python(url, headers, c, seconds, workdir,
+                                              args.processes)
+
+                    if args.warmup > 0:
+                        once(args.warmup)
+                    results.setdefault(name, {}).setdefault(str(c), []).append(
+                        once(args.duration))
+        progress.done(f"overhead: {steps} measurements done")
+    return summarize(results, concurrencies, loadgen, version, notes, args, workdir)
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in runs if r[key] is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(results: dict[str, dict[str, list[dict[str, Any]]]], concurrencies: list[int],
+              loadgen: str, version: str | None, notes: list[str], args: argparse.Namespace,
+              workdir: Path) -> dict[str, Any]:
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, per_c in results.items():
+        for c, runs in per_c.items():
+            summary.setdefault(name, {})[c] = {
+                "rps": _median(runs, "rps"), "p50": _median(runs, "p50"),
+                "p99": _median(runs, "p99"), "errors": sum(r["errors"] for r in runs),
+                "requests": sum(r["requests"] for r in runs), "runs": runs}
+    for per_c in summary.values():
+        for c, row in per_c.items():
+            direct, base = summary["direct"][c], summary["passthrough"][c]
+            row["added_p50"] = row["p50"] - direct["p50"]
+            row["added_p99"] = row["p99"] - direct["p99"]
+            row["vs_passthrough_rps"] = row["rps"] / base["rps"] if base["rps"] else None
+    hi, lo = str(max(concurrencies)), str(min(concurrencies))
+    gw, base = summary["gateway-redis"], summary["passthrough"]
+    rps_ratio = gw[hi]["rps"] / base[hi]["rps"]
+    added = gw[lo]["p50"] - base[lo]["p50"]
+    targets = {
+        "rps_ratio": {"value": rps_ratio, "target": 0.80, "met": rps_ratio >= 0.80,
+                      "what": f"gateway-redis RPS / passthrough RPS at concurrency {hi}"},
+        "added_serial_p50": {"value": added, "target": 0.001, "met": added <= 0.001,
+                             "what": f"gateway-redis p50 - passthrough p50 at concurrency {lo}"},
+    }
+    return {"kind": "overhead", "machine": report.machine(), "loadgen": loadgen,
+            "wrk": version, "settings": {"duration": args.duration, "warmup": args.warmup,
+                                         "rounds": args.rounds, "concurrency": concurrencies,
+                                         "gateway_log_level": args.gateway_log_level,
+                                         "body_bytes": len(BODY)},
+            "paths": summary, "targets": targets, "notes": notes, "logs": str(workdir)}
+
+
+def render(record: dict[str, Any]) -> str:
+    out = []
+    concurrencies = record["settings"]["concurrency"]
+    for c in concurrencies:
+        rows = []
+        for name, per_c in record["paths"].items():
+            row = per_c[str(c)]
+            rows.append([name, f"{row['rps']:,.0f}", _us(row["p50"]), _us(row["p99"]),
+                         "—" if name == "direct" else _us(row["added_p50"], sign=True),
+                         "—" if name == "direct" else _us(row["added_p99"], sign=True),
+                         report.pct(row["vs_passthrough_rps"], 0), str(row["errors"])])
+        out.append(f"Concurrency {c}:\n\n" + report.table(
+            ["path", "req/s", "p50", "p99", "p50 added over direct", "p99 added over direct",
+             "RPS vs pass-through", "errors"], rows))
+    t = record["targets"]
+    out.append("Targets (gateway with the Redis store):\n\n" + report.table(
+        ["target", "measured", "goal", "met"],
+        [[t["rps_ratio"]["what"], report.pct(t["rps_ratio"]["value"], 0), "≥ 80%",
+          "yes" if t["rps_ratio"]["met"] else "NO"],
+         [t["added_serial_p50"]["what"], _us(t["added_serial_p50"]["value"], sign=True),
+          "≤ +1,000 µs", "yes" if t["added_serial_p50"]["met"] else "NO"]], "lrrl"))
+    direct = record["paths"]["direct"][str(max(concurrencies))]["rps"]
+    lg = record["wrk"] if record["loadgen"] == "wrk" else "Python closed loop"
+    out.append(f"Load generator: {lg}; its ceiling (direct, concurrency {max(concurrencies)}): "
+               f"{direct:,.0f} req/s. Machine: {record['machine']['cores']} cores.")
+    out += record["notes"]
+    return "\n\n".join(out)
+
+
+def _us(seconds: float | None, *, sign: bool = False) -> str:
+    if seconds is None or math.isnan(seconds):
+        return "n/a"
+    us = seconds * 1e6
+    return f"{us:+,.0f} µs" if sign else f"{us:,.0f} µs"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per measurement (5)")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds before each (1)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="repeat the whole matrix, interleaved; medians are reported (2)")
+    p.add_argument("--concurrency", default="1,32", help="comma-separated (1,32)")
+    p.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto",
+                   help="auto: wrk when installed, else Python processes")
+    p.add_argument("--processes", type=int, default=2,
+                   help="Python load processes when wrk is missing (2)")
+    p.add_argument("--gateway-log-level", default="INFO",
+                   help="the gateways' log level (INFO, the default, writes access logs)")
+    p.add_argument("--no-litellm", action="store_true", help="skip the optional litellm row")
+    p.add_argument("--out-dir", type=Path, default=report.RESULTS,
+                   help="where the JSON record goes (bench/results)")
+    p.add_argument("--no-write", action="store_true", help="print only, write no files")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="balancer bench overhead", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return execute(p.parse_args(argv))
+
+
+def execute(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    when = report.stamp()
+    record = run(args)
+    record["seconds"] = round(time.monotonic() - started, 1)
+    print("## Overhead\n\n" + render(record) + "\n")
+    if not args.no_write:
+        path = report.write_json("overhead", record, args.out_dir, when)
+        print(f"record: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,73 @@
+"""Smoke runs of both benchmarks, a few seconds each and without thresholds, so that
+`make bench` cannot rot: each must run end to end through `balancer bench`, print its
+tables and write its JSON record (and the PNG when matplotlib is installed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.procs import PYTHON, ROOT
+
+pytestmark = pytest.mark.slow
+
+SMALL_REGIONS = """
+regions:
+""" + "".join(f"""
+  - name: {name}
+    kind: azure
+    endpoint: http://unused
+    api_key: unused
+    api_version: "2024-06-01"
+    deployments:
+      gpt-4: {{deployment: gpt-4, tpm: {tpm}}}
+""" for name, tpm in {"big": 30_000, "medium": 15_000, "small": 6_000}.items())
+
+
+def bench(*args: str, timeout: float) -> tuple[str, float]:
+    started = time.monotonic()
+    out = subprocess.run([PYTHON, "-m", "balancer.cli", "bench", *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout, time.monotonic() - started
+
+
+def test_balance_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    config = tmp_path / "regions.yaml"
+    config.write_text(SMALL_REGIONS)
+    stdout, seconds = bench(
+        "balance", "--config", str(config), "--time-scale", "30", "--minutes", "1.5",
+        "--warmup-minutes", "0.5", "--replicas", "2", "--clients", "1", "--out-dir",
+        str(tmp_path / "results"), timeout=120)
+    print(stdout + f"\n({seconds:.1f} s)")
+    assert "| (a) naive proxy" in stdout and "| (c) balancer, shared Redis" in stdout
+    assert "(d) " in stdout  # run, or skipped with a note
+    record = json.loads((tmp_path / "results" / "balance-latest.json").read_text())
+    keys = [s["key"] for s in record["strategies"]]
+    assert keys[:3] == ["naive", "static", "redis"]
+    for strategy in record["strategies"]:
+        assert strategy["client"]["sent"] > 0
+        assert set(strategy["regions"]) == {"big", "medium", "small"}
+    assert record["total_tpm"] == 51_000
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("matplotlib is not installed: the PNG is not drawn (the bench extra)")
+    assert (tmp_path / "results" / "latest.png").stat().st_size > 10_000
+
+
+def test_overhead_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    stdout, seconds = bench(
+        "overhead", "--duration", "1", "--warmup", "0", "--rounds", "1",
+        "--concurrency", "1,4", "--no-litellm", "--out-dir", str(tmp_path), timeout=120)
+    print(stdout + f"\n({seconds:.1f} s)")
+    for path in ("direct", "passthrough", "gateway-memory", "gateway-redis"):
+        assert f"| {path} " in stdout
+    record = json.loads((tmp_path / "overhead-latest.json").read_text())
+    assert set(record["targets"]) == {"rps_ratio", "added_serial_p50"}
+    for path in record["paths"].values():
+        for row in path.values():
+            assert row["requests"] > 0 and row["errors"] == 0
