@@ -19,8 +19,8 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	touch $(BENCH_STAMP)
 
-## Both benchmarks with default settings (about 4 minutes): Markdown tables on stdout,
-## bench/results/{balance,overhead}-*.json and bench/results/latest.png. They need
+## The three benchmarks with default settings (about 8 minutes): Markdown tables on stdout,
+## bench/results/{balance,overhead,scenarios}-*.json and bench/results/latest.png. They need
 ## redis-server and, for the overhead one, wrk: installed with apt-get when missing and
 ## possible (root), else the overhead benchmark falls back to Python load processes.
 bench: $(BENCH_STAMP)
@@ -35,6 +35,7 @@ bench: $(BENCH_STAMP)
 	fi
 	$(BIN)/balancer bench balance $(BALANCE_ARGS)
 	$(BIN)/balancer bench overhead $(OVERHEAD_ARGS)
+	$(BIN)/balancer bench scenarios $(SCENARIOS_ARGS)
 
 ## Start the gateway on :8080 against the eight built-in simulated regions
 ## (in-process store unless REDIS_URL is set).

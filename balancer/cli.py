@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Benchmarks live in the repository's bench/ folder, which is not part of "
                     "the installed package: run them from a clone (`make bench` runs both). "
                     "`balancer bench balance --help` lists a benchmark's options.")
-    bench.add_argument("benchmark", choices=["balance", "overhead"],
-                       help="balance: quota delivered per strategy; overhead: cost per request")
+    bench.add_argument("benchmark", choices=["balance", "overhead", "scenarios"],
+                       help="balance: quota delivered per strategy; overhead: cost per request; "
+                            "scenarios: each later policy ON vs OFF where it should matter")
     bench.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's options")
 
     args = parser.parse_args(argv)

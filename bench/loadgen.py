@@ -163,10 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key")
+    p.add_argument("--start-at", type=float, default=0.0,
+                   help="wall-clock time (time.time()) to start sending at, so that several "
+                        "processes can be spawned early and start on schedule")
     p.add_argument("--out", help="write the JSON report here (default stdout)")
     args = p.parse_args(argv)
     span = lambda text: tuple(int(x) for x in text.split(":"))  # noqa: E731
     mix = Mix(args.model, span(args.prompt_tokens), span(args.max_tokens), args.stream_fraction)
+    delay = args.start_at - time.time()
+    if delay > 0:
+        time.sleep(delay)
     report = asyncio.run(run(args.target, args.rate, args.duration, mix, seed=args.seed,
                              api_key=args.api_key))
     text = json.dumps(report.to_json())

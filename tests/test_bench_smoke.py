@@ -1,4 +1,4 @@
-"""Smoke runs of both benchmarks, a few seconds each and without thresholds, so that
+"""Smoke runs of the benchmarks, a few seconds each and without thresholds, so that
 `make bench` cannot rot: each must run end to end through `balancer bench`, print its
 tables and write its JSON record (and the PNG when matplotlib is installed)."""
 
@@ -71,3 +71,24 @@ def test_overhead_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     for path in record["paths"].values():
         for row in path.values():
             assert row["requests"] > 0 and row["errors"] == 0
+
+
+def test_scenarios_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    """The three scenarios (slow region, hidden co-tenant, burst), each ON and OFF, with
+    --quick durations and one replica: only that they run and report, no thresholds."""
+    stdout, seconds = bench("scenarios", "--quick", "--replicas", "1", "--out-dir",
+                            str(tmp_path), timeout=120)
+    print(stdout + f"\n({seconds:.1f} s)")
+    for feature in ("latency_weighting", "learned_capacity", "admission_queue"):
+        assert f"| {feature} ON " in stdout and f"| {feature} OFF " in stdout
+    record = json.loads((tmp_path / "scenarios-latest.json").read_text())
+    assert set(record["scenarios"]) == {"slow", "cotenant", "burst"}
+    for key, scenario in record["scenarios"].items():
+        on, off = scenario["on"], scenario["off"]
+        feature = scenario["feature"]
+        assert on["sections"][feature] != off["sections"][feature], key
+        others = {k: v for k, v in on["sections"].items() if k != feature}
+        assert others == {k: v for k, v in off["sections"].items() if k != feature}, key
+        for run in (on, off):
+            assert run["all_clients"]["sent"] > 0 and run["whole"]["upstream_calls"] > 0
+            assert run["all_clients"]["errors"] == 0, run["all_clients"]["error_samples"]
