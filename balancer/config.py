@@ -114,7 +114,7 @@ class LatencyWeighting:
     """Weigh regions by (fastest latency per output token / theirs) ** strength, so a
     region that slows down gets less traffic before it starts answering 429."""
 
-    enabled: bool = False
+    enabled: bool = True  # BENCHMARKS.md section 3 (a): p90 -25% when a region slows down
     strength: float = 1.0
 
 
