@@ -378,7 +378,8 @@ async def forward(call: Call, grant: Grant, target: Target, remaining: float
             body = await _read_quietly(up)
             m.upstream_throttled.labels(model, region).inc()
             await store.settle(grant, 0)
-            await store.cooldown(model, grant.limits, wait, shrink=surprising_429(call, grant))
+            await store.cooldown(model, grant.limits, wait,
+                                 shrink=surprising_429(call, grant, wait))
             return Failure("throttled", region, 429, body, retry_after=wait)
         if status >= 500 or status in (401, 403, 404, 408):
             # 401/403/404 mean this region is misconfigured, not that the request is bad.
@@ -493,11 +494,21 @@ async def settle(call: Call, grant: Grant, usage: tuple[int, int], elapsed: floa
     call.rt.child(m.tokens, grant.model, grant.region, "completion").inc(completion)
 
 
-def surprising_429(call: Call, grant: Grant) -> bool:
-    """A 429 while our bucket still held a good share of its capacity is evidence that
-    the region has less than configured; one at the edge of an empty bucket is noise."""
+SLOW_REFILL = 1.5  # a region asking us to wait this much longer than its quota needs
+
+
+def surprising_429(call: Call, grant: Grant, wait: float) -> bool:
+    """Is this 429 evidence that the region has less quota than configured? Yes when our
+    bucket still held a good share of its capacity, or when the region asks for a wait
+    longer than refilling this request's whole cost at the configured rate would take
+    (it refills slower: someone else drains it). A 429 at the edge of an empty bucket,
+    with a wait of a few milliseconds, is timing noise."""
     learn = call.config.learned_capacity
-    return learn.enabled and grant.level >= learn.evidence_margin * grant.limits.tokens_capacity
+    if not learn.enabled:
+        return False
+    lim = grant.limits
+    return (grant.level >= learn.evidence_margin * lim.tokens_capacity
+            or wait * lim.tokens_rate > SLOW_REFILL * grant.tokens)
 
 
 async def learn_remaining(call: Call, grant: Grant, up: aiohttp.ClientResponse) -> None:
