@@ -47,7 +47,8 @@ class _Server(web.Server):
 
 class GatewayRunner(web.AppRunner):
     """`web.AppRunner` whose connections answer unparseable requests as above.
-    (aiohttp has no public hook for it; tests/test_hostile guards the private one.)"""
+    (aiohttp has no public hook for it: tests/test_hardening.py fails if an aiohttp
+    upgrade breaks the private one used here.)"""
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
