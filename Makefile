@@ -49,7 +49,6 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check balancer tests bench
-	$(BIN)/ruff format --check balancer tests
 
 ## Validate regions.yaml (endpoint/key variables may be unset: --simulate).
 check: $(STAMP)
