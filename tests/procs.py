@@ -1,68 +1,27 @@
 """Real processes for end-to-end tests: redis-server, the simulator, gateway replicas
-and load generators. Everything listens on 127.0.0.1 and is stopped at the end."""
+and load generators. Everything listens on 127.0.0.1 and is stopped at the end.
+
+The process plumbing is the benchmarks' (`bench/procs.py`); this adds what tests need:
+a redis-server on a chosen port (to restart it where it was) and the balancer's own
+servers by name."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
-from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-PYTHON = sys.executable
+from bench import procs as base
+from bench.procs import PYTHON, ROOT, free_port, get_json, wait_http
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["PYTHON", "ROOT", "Procs", "free_port", "get_json", "wait_http"]
 
 
-def wait_http(url: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status < 500:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} did not come up in {timeout} s")
-        time.sleep(0.1)
-
-
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as r:
-        return json.loads(r.read())
-
-
-class Procs:
-    """Starts processes and guarantees they stop (terminate, then kill)."""
-
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None
-              ) -> subprocess.Popen[bytes]:
-        log = open(self.workdir / f"{name}.log", "wb")
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, **(env or {})})
-        self.procs.append(proc)
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.workdir / f"{name}.log").read_text(errors="replace")
-
-    def redis(self, port: int | None = None, *extra: str) -> tuple[subprocess.Popen[bytes], int]:
+class Procs(base.Procs):
+    def redis(self, port: int | None = None, *extra: str  # type: ignore[override]
+              ) -> tuple[subprocess.Popen[bytes], int]:
         """A redis-server on `port` (default: a free one); `extra` are more server options,
         e.g. "--enable-debug-command", "yes" or "--requirepass", PW."""
         port = port or free_port()
@@ -84,30 +43,11 @@ class Procs:
             time.sleep(0.05)
 
     def simulator(self, config: Path, *extra: str, env: dict[str, str] | None = None) -> str:
-        port = free_port()
-        self.spawn("simulator", [PYTHON, "-m", "balancer.cli", "simulate", "--config",
-                                 str(config), "--port", str(port), *extra], env)
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/_sim/stats")
-        return url
+        return self.server("simulator", [PYTHON, "-m", "balancer.cli", "simulate", "--config",
+                                         str(config), "--port", "{port}", *extra],
+                           "/_sim/stats", env)
 
     def gateway(self, name: str, config: Path, env: dict[str, str]) -> str:
-        port = free_port()
-        self.spawn(name, [PYTHON, "-m", "balancer.cli", "serve", "--config", str(config),
-                          "--host", "127.0.0.1", "--port", str(port)], env)
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/healthz")
-        return url
-
-    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    def close(self) -> None:
-        for proc in reversed(self.procs):
-            self.stop(proc)
+        return self.server(name, [PYTHON, "-m", "balancer.cli", "serve", "--config",
+                                  str(config), "--host", "127.0.0.1", "--port", "{port}"],
+                           "/healthz", env)
