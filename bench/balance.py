@@ -498,6 +498,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
+def add_load_arguments(p: argparse.ArgumentParser) -> None:
+    """The request mix and run options every multi-process benchmark shares."""
+    p.add_argument("--prompt-tokens", default="200:3000")
+    p.add_argument("--max-tokens", default="50:1000")
+    p.add_argument("--stream-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--sample-interval", type=float, default=0.25,
+                   help="seconds between reads of the simulator's counters")
+    p.add_argument("--log-level", default="WARNING", help="the replicas' log level")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=str(ROOT / "regions.yaml"),
                    help="the regions and TPM to simulate (default: the repository's "
@@ -517,13 +528,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=int, default=3, help="proxy/gateway processes (3)")
     p.add_argument("--clients", type=int, default=3, help="load-generator processes (3)")
     p.add_argument("--max-attempts", type=int, help="override gateway.max_attempts")
-    p.add_argument("--prompt-tokens", default="200:3000")
-    p.add_argument("--max-tokens", default="50:1000")
-    p.add_argument("--stream-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--sample-interval", type=float, default=0.25,
-                   help="seconds between reads of the simulator's counters")
-    p.add_argument("--log-level", default="WARNING", help="the replicas' log level")
+    add_load_arguments(p)
     p.add_argument("--out-dir", type=Path, default=report.RESULTS,
                    help="where the JSON record and the PNG go (bench/results)")
     p.add_argument("--no-write", action="store_true", help="print only, write no files")

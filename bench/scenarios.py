@@ -35,7 +35,15 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.balance import Region, Sampler, at, bench_config, mean_cost, reference_regions
+from bench.balance import (
+    Region,
+    Sampler,
+    add_load_arguments,
+    at,
+    bench_config,
+    mean_cost,
+    reference_regions,
+)
 from bench.loadgen import Mix, merge
 from bench.procs import PYTHON, ROOT, Procs, free_port, wait_http
 
@@ -460,13 +468,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=int, default=3, help="gateway processes (3)")
     p.add_argument("--clients", type=int, default=2,
                    help="most load processes per load phase (2)")
-    p.add_argument("--prompt-tokens", default="200:3000")
-    p.add_argument("--max-tokens", default="50:1000")
-    p.add_argument("--stream-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--sample-interval", type=float, default=0.25,
-                   help="seconds between reads of the simulator's counters")
-    p.add_argument("--log-level", default="WARNING", help="the replicas' log level")
+    add_load_arguments(p)
     p.add_argument("--out-dir", type=Path, default=report.RESULTS,
                    help="where the JSON record goes (bench/results)")
     p.add_argument("--no-write", action="store_true", help="print only, write no files")
