@@ -96,17 +96,16 @@ class GatewayConfig:
 
 @dataclass(frozen=True)
 class LearnedCapacity:
-    """Shrink a region's effective capacity when it shows less than configured (429s the
-    buckets did not predict, or fewer remaining tokens reported than the bucket holds),
-    and recover gradually when the evidence stops (AIMD)."""
+    """Shrink a region's effective capacity when it shows less than configured (a 429
+    implying a slower refill than configured, or fewer remaining tokens reported than
+    the bucket holds), and recover gradually when the evidence stops (AIMD)."""
 
     enabled: bool = True
     min_factor: float = 0.2  # never believe a region has less than this share of its TPM
     recovery_per_minute: float = 0.1  # share of capacity regained per minute without evidence
-    evidence_margin: float = 0.25  # share of the bucket: a 429 is evidence only when the
-    # bucket still held this much after the reservation, and a remaining-tokens report only
-    # when it is this much (plus the request's own cost) below the bucket. Smaller gaps are
-    # timing noise between replicas and the region, not a hidden consumer
+    evidence_margin: float = 0.25  # share of the bucket: a remaining-tokens report is
+    # evidence only when it is this much (plus the request's own cost) below the bucket.
+    # Smaller gaps are timing noise between replicas and the region, not a hidden consumer
 
 
 @dataclass(frozen=True)

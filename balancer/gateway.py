@@ -33,7 +33,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from balancer import cost, errors, upstream, validate
+from balancer import cost, errors, policy, upstream, validate
 from balancer.capacity.base import CapacityStore, Grant, Queueing, Wait
 from balancer.capacity.memory import MemoryStore
 from balancer.config import Config, GatewayConfig, Target
@@ -248,8 +248,11 @@ async def admit(call: Call, route: ModelRoute, avoid: set[str]) -> Grant | Wait:
     started = loop.time()
     if call.wait_until is None:
         call.wait_until = started + wait_budget(call)
-    queue = Queueing(call.ticket, call.priority * aq.class_head_start_seconds,
-                     max(0.0, call.wait_until - started))
+        call.first_admit = started
+    # The head start counts the time already spent here, so a request sent back to the
+    # queue by a region's 429 takes the place it had, not the tail.
+    boost = call.priority * aq.class_head_start_seconds + (started - call.first_admit)
+    queue = Queueing(call.ticket, boost, max(0.0, call.wait_until - started))
     queued = False
     result: Grant | Wait | None = None
     try:
@@ -323,6 +326,7 @@ class Call:
     priority: int = 0  # rank of its class in the admission queue: higher goes first
     ticket: str = field(default_factory=new_id)  # its place in the queue
     wait_until: float | None = None  # loop time its wait budget ends (set on first admit)
+    first_admit: float = 0.0  # loop time of its first admission attempt
 
     @property
     def gw(self) -> GatewayConfig:
@@ -374,13 +378,13 @@ async def forward(call: Call, grant: Grant, target: Target, remaining: float
     async with up:
         status = up.status
         if status == 429:
-            wait = upstream.throttle_seconds(up.headers, gw.default_cooldown_seconds)
+            throttle = upstream.throttle(up.headers, gw.default_cooldown_seconds)
             body = await _read_quietly(up)
             m.upstream_throttled.labels(model, region).inc()
             await store.settle(grant, 0)
-            await store.cooldown(model, grant.limits, wait,
-                                 shrink=surprising_429(call, grant, wait))
-            return Failure("throttled", region, 429, body, retry_after=wait)
+            await store.cooldown(model, grant.limits, throttle.seconds,
+                                 share=implied_share(call, grant, throttle, up.headers))
+            return Failure("throttled", region, 429, body, retry_after=throttle.seconds)
         if status >= 500 or status in (401, 403, 404, 408):
             # 401/403/404 mean this region is misconfigured, not that the request is bad.
             body = await _read_quietly(up)
@@ -494,21 +498,15 @@ async def settle(call: Call, grant: Grant, usage: tuple[int, int], elapsed: floa
     call.rt.child(m.tokens, grant.model, grant.region, "completion").inc(completion)
 
 
-SLOW_REFILL = 1.5  # a region asking us to wait this much longer than its quota needs
-
-
-def surprising_429(call: Call, grant: Grant, wait: float) -> bool:
-    """Is this 429 evidence that the region has less quota than configured? Yes when our
-    bucket still held a good share of its capacity, or when the region asks for a wait
-    longer than refilling this request's whole cost at the configured rate would take
-    (it refills slower: someone else drains it). A 429 at the edge of an empty bucket,
-    with a wait of a few milliseconds, is timing noise."""
-    learn = call.config.learned_capacity
-    if not learn.enabled:
-        return False
-    lim = grant.limits
-    return (grant.level >= learn.evidence_margin * lim.tokens_capacity
-            or wait * lim.tokens_rate > SLOW_REFILL * grant.tokens)
+def implied_share(call: Call, grant: Grant, throttle: upstream.Throttle,
+                  headers: Mapping[str, str]) -> float | None:
+    """What this 429 says of the region's real refill (policy.implied_share); nothing
+    with learning off."""
+    if not call.config.learned_capacity.enabled:
+        return None
+    return policy.implied_share(grant.limits, grant.tokens, throttle.seconds,
+                                throttle.precision, upstream.remaining_tokens(headers),
+                                upstream.remaining_requests(headers))
 
 
 async def learn_remaining(call: Call, grant: Grant, up: aiohttp.ClientResponse) -> None:

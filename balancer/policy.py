@@ -42,11 +42,15 @@ class Level:
     latency: float = 0.0  # smoothed seconds per output token; 0 when unknown
 
 
-# Learned capacity is AIMD, as TCP's congestion window: a 429 the buckets did not
-# predict means someone else shares the quota (or Azure lowered it), so the effective
-# capacity drops multiplicatively and fast; without new evidence it creeps back
-# additively, so a co-tenant that left is noticed without ever overshooting by much.
-THROTTLE_DECREASE = 0.7  # factor kept after an unexpected 429
+# Learned capacity is AIMD, as TCP's congestion window. A 429 tells how long the region
+# needs to refill what this request missed, so it implies the region's real refill rate:
+# when that is clearly below what we assume, someone else shares the quota (or Azure
+# lowered it), and the effective capacity drops at once to what the region implies, but
+# by at most half per refill window (one odd answer cannot wipe a region out). Without
+# new evidence it creeps back additively, so a co-tenant that left is noticed, probing
+# above the real quota only by the little regained since the last 429.
+THROTTLE_TOLERANCE = 0.97  # implied share below this fraction of the factor is evidence
+THROTTLE_MAX_CUT = 0.5  # the deepest decrease one refill window may make
 DRIFT_DECREASE = 0.9  # factor kept when a region reports far fewer remaining tokens
 LATENCY_SMOOTHING = 0.2  # EWMA weight of a new latency sample
 
@@ -61,6 +65,14 @@ def effective(limits: Limits, factor: float) -> Limits:
                   limits.latency_weight)
 
 
+def calm_seconds(limits: Limits) -> float:
+    """After a decrease, how long further evidence is not counted again: the time the
+    configured bucket takes to refill from empty. Throttles arriving within it answer
+    requests admitted before the decrease took effect, so counting them would cut twice
+    for one excess (as TCP halves its window once per round trip, not once per loss)."""
+    return limits.tokens_capacity / limits.tokens_rate if limits.tokens_rate > 0 else 0.0
+
+
 def recover(factor: float, elapsed: float, rate: float) -> float:
     """Additive increase toward 1 over `elapsed` seconds."""
     if elapsed > 0:
@@ -71,6 +83,31 @@ def recover(factor: float, elapsed: float, rate: float) -> float:
 def decrease(factor: float, limits: Limits, by: float) -> float:
     """Multiplicative decrease, floored at the configured minimum."""
     return max(limits.min_factor, factor * by)
+
+
+def implied_share(limits: Limits, cost: float, wait: float, precision: float,
+                  remaining: float | None, requests_left: float | None) -> float | None:
+    """The region's real token refill as a share of its configured rate, as a 429
+    implies it: it asks us to wait `wait` seconds for the tokens this request missed
+    (its cost less the `remaining` tokens it reports; the whole cost when it does not
+    say). The wait is taken less its header's `precision` (rounding), so the share is
+    an upper bound and a region refilling at its configured rate never looks slow.
+    None when the 429 says nothing about the token refill: the request-rate limit was
+    hit, the region still had the tokens, or the wait is within its rounding."""
+    missing = need(cost, limits.tokens_capacity) - (remaining or 0.0)
+    measured = wait - precision
+    if missing <= 0 or measured <= 0 or limits.tokens_rate <= 0 or requests_left == 0:
+        return None
+    return missing / (measured * limits.tokens_rate)
+
+
+def throttled_factor(factor: float, limits: Limits, share: float) -> float:
+    """The factor after a 429 implying the region refills at `share` of its configured
+    rate: unchanged unless that is clearly below the factor, else down to `share`, but
+    by at most THROTTLE_MAX_CUT and never under the configured minimum."""
+    if share >= factor * THROTTLE_TOLERANCE:
+        return factor
+    return max(limits.min_factor, factor * THROTTLE_MAX_CUT, share)
 
 
 def smooth(average: float, sample: float) -> float:

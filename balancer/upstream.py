@@ -8,9 +8,10 @@ handshake per request would cost more than the whole gateway).
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 
@@ -79,27 +80,45 @@ def body_for(target: Target, req: ClientRequest) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def throttle_seconds(h: Mapping[str, str], default: float) -> float:
+class Throttle(NamedTuple):
+    """How long a 429 asks us to wait, and how finely the header said it: a wait
+    rounded up to whole seconds can be up to a second longer than the region needs."""
+
+    seconds: float
+    precision: float  # inf: the region said nothing, the wait is our default
+
+
+def throttle(h: Mapping[str, str], default: float) -> Throttle:
     """How long a 429 asks us to wait: retry-after-ms, else retry-after, else
     x-ratelimit-reset-tokens/-requests, else the configured default."""
     ms = _number(h.get("retry-after-ms"))
     if ms is not None and ms >= 0:
-        return ms / 1000.0
+        return Throttle(ms / 1000.0, 0.001)
     seconds = _number(h.get("retry-after"))
     if seconds is not None and seconds >= 0:
-        return seconds
+        return Throttle(seconds, 1.0 if seconds.is_integer() else 0.001)
     resets = [_duration(h.get(name)) for name in
               ("x-ratelimit-reset-tokens", "x-ratelimit-reset-requests")]
     known = [r for r in resets if r is not None and r >= 0]
     if known:
-        return max(known)
-    return default
+        longest = max(known)
+        return Throttle(longest, 1.0 if longest.is_integer() else 0.001)
+    return Throttle(default, math.inf)
 
 
 def remaining_tokens(h: Mapping[str, str]) -> int | None:
     """`x-ratelimit-remaining-tokens`, or None when missing, malformed or -1 (which
     Azure sends when it does not know)."""
-    value = _number(h.get("x-ratelimit-remaining-tokens"))
+    return _remaining(h, "x-ratelimit-remaining-tokens")
+
+
+def remaining_requests(h: Mapping[str, str]) -> int | None:
+    """`x-ratelimit-remaining-requests`, as `remaining_tokens`."""
+    return _remaining(h, "x-ratelimit-remaining-requests")
+
+
+def _remaining(h: Mapping[str, str], name: str) -> int | None:
+    value = _number(h.get(name))
     if value is None or value < 0:
         return None
     return int(value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -77,3 +78,46 @@ def test_wait_seconds_is_enough(tokens: float, requests: float, cost: float,
     later = Level(policy.refill(tokens, wait + 1e-6, 1000.0, 1e5),
                   policy.refill(requests, wait + 1e-6, 1.0, 10), cooldown - wait - 1e-6)
     assert policy.admissible(later, cost, limit)
+
+
+# --------------------------------------------------------------------------- learned capacity
+
+
+def learner(tokens: float = 1000, rate: float = 100.0) -> Limits:
+    return Limits("a", tokens, rate, 100, 100, min_factor=0.2, recovery_rate=0.01)
+
+
+@given(remaining=st.floats(0, 2000), cost=st.floats(1, 3000), rate=st.floats(1, 1e5),
+       precision=st.sampled_from([0.001, 1.0]))
+def test_a_region_at_its_configured_rate_never_looks_slow(
+        remaining: float, cost: float, rate: float, precision: float) -> None:
+    """The wait a region refilling at the configured rate asks for, rounded up as its
+    header rounds it, never implies a share below 1, with or without `remaining`."""
+    limits = learner(rate=rate)
+    missing = policy.need(cost, limits.tokens_capacity) - remaining
+    wait = math.ceil(max(missing, 0) / rate / precision) * precision
+    for told in (remaining, None):
+        share = policy.implied_share(limits, cost, wait, precision, told, None)
+        assert share is None or share >= 1.0 - 1e-9
+        if share is not None:
+            assert policy.throttled_factor(1.0, limits, share) == 1.0
+
+
+def test_implied_share_reads_a_slow_refill() -> None:
+    limits = learner()  # 100 tokens per second
+    # 400 tokens missing, a 8 s wait: the region refills at 50/s, half the configured rate
+    assert policy.implied_share(limits, 500, 8.001, 0.001, 100, 5) == pytest.approx(0.5)
+    # without `remaining` the whole cost counts as missing: an upper bound
+    assert policy.implied_share(limits, 500, 8.001, 0.001, None, None) == pytest.approx(0.625)
+    assert policy.implied_share(limits, 500, 8.0, 0.001, 600, 5) is None  # had the tokens
+    assert policy.implied_share(limits, 500, 8.0, 0.001, 0, 0) is None  # request limit
+    assert policy.implied_share(limits, 500, 0.9, 1.0, 0, 5) is None  # within rounding
+
+
+def test_throttled_factor_cuts_to_the_share_at_most_by_half() -> None:
+    limits = learner()
+    assert policy.throttled_factor(1.0, limits, 0.98) == 1.0  # within tolerance
+    assert policy.throttled_factor(1.0, limits, 0.6) == pytest.approx(0.6)
+    assert policy.throttled_factor(0.8, limits, 0.1) == pytest.approx(0.4)  # halved at most
+    assert policy.throttled_factor(0.3, limits, 0.0) == pytest.approx(0.2)  # the floor
+    assert policy.calm_seconds(limits) == pytest.approx(10.0)  # the bucket's refill time

@@ -52,7 +52,8 @@ class Queueing:
     lower class is never starved."""
 
     ticket: str  # unique per request, kept across its attempts
-    boost: float  # seconds of head start its priority class gives it
+    boost: float  # seconds of head start: its priority class's, plus the time it has
+    # already waited (a request back from a region's 429 keeps its place)
     budget: float  # seconds it may still wait; 0: do not wait (but do not jump the queue)
 
 
@@ -100,10 +101,11 @@ class CapacityStore(Protocol):
         ...
 
     async def cooldown(self, model: str, limits: Limits, seconds: float, *,
-                       shrink: bool = False) -> None:
-        """The region said 429: no traffic for `seconds`, and its bucket is empty. With
-        `shrink` (the 429 was evidence), the first 429 of an episode also shrinks the
-        region's effective capacity (down to limits.min_factor)."""
+                       share: float | None = None) -> None:
+        """The region said 429: no traffic for `seconds`, and its bucket is empty. `share`
+        is the refill rate the 429 implies, as a share of the configured one: well below
+        the learned factor, it shrinks the region's effective capacity toward it
+        (`policy.throttled_factor`; at most once per refill window)."""
         ...
 
     async def observe(self, model: str, limits: Limits, remaining: float) -> None:

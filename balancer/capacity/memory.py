@@ -25,6 +25,7 @@ class _Bucket:
     tripped: bool = False  # the circuit opened and has not seen a success since
     factor: float = 1.0  # learned share of the configured token capacity
     latency: float = 0.0  # smoothed seconds per output token
+    calm_until: float = 0.0  # no new decrease of the factor before this time
 
 
 @dataclass(slots=True)
@@ -119,19 +120,26 @@ class MemoryStore:
             b.latency = policy.smooth(b.latency, latency)
 
     async def cooldown(self, model: str, limits: Limits, seconds: float, *,
-                       shrink: bool = False) -> None:
+                       share: float | None = None) -> None:
         now = self._clock()
         b, _ = self._bucket(model, limits, now)
-        if shrink and b.cooldown_until <= now:  # one decrease per episode, not per 429
-            b.factor = policy.decrease(b.factor, limits, policy.THROTTLE_DECREASE)
+        if share is not None:
+            self._shrink(b, limits, now, policy.throttled_factor(b.factor, limits, share))
         b.cooldown_until = max(b.cooldown_until, now + seconds)
         b.tokens = min(b.tokens, 0.0)  # the region told us it is empty
 
     async def observe(self, model: str, limits: Limits, remaining: float) -> None:
-        b, _ = self._bucket(model, limits, self._clock())
+        now = self._clock()
+        b, _ = self._bucket(model, limits, now)
         if remaining < b.tokens:
             b.tokens = remaining
-            b.factor = policy.decrease(b.factor, limits, policy.DRIFT_DECREASE)
+            self._shrink(b, limits, now, policy.decrease(b.factor, limits, policy.DRIFT_DECREASE))
+
+    @staticmethod
+    def _shrink(b: _Bucket, limits: Limits, now: float, factor: float) -> None:
+        if factor < b.factor and now >= b.calm_until:  # one decrease per refill window
+            b.factor = factor
+            b.calm_until = now + policy.calm_seconds(limits)
 
     async def record_failure(
         self, model: str, limits: Limits, threshold: int, open_seconds: float

@@ -6,7 +6,8 @@ with the time taken from Redis `TIME`, since the replicas' clocks differ, and th
 random number passed in by the caller, since scripts must be deterministic.
 
 Key layout, one HASH per (model, region) with the fields tokens, requests, ts,
-cooldown_until, failures, tripped:
+cooldown_until, failures, tripped, and for the later policies factor, calm (learned
+capacity) and lat (latency weighting):
 
     {prefix}:{<model>}:<region>      e.g.  bal:{gpt-4}:eastus2
 
@@ -207,8 +208,9 @@ class RedisStore:
         await self._apply("observe", model, limits, _num(remaining))
 
     async def cooldown(self, model: str, limits: Limits, seconds: float, *,
-                       shrink: bool = False) -> None:
-        await self._apply("cooldown", model, limits, _num(seconds), "1" if shrink else "0")
+                       share: float | None = None) -> None:
+        await self._apply("cooldown", model, limits, _num(seconds),
+                          "" if share is None else _num(share))
 
     async def record_failure(
         self, model: str, limits: Limits, threshold: int, open_seconds: float

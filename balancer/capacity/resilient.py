@@ -246,14 +246,14 @@ class ResilientStore:
         await self.local.observe(model, self._share(limits), remaining)
 
     async def cooldown(self, model: str, limits: Limits, seconds: float, *,
-                       shrink: bool = False) -> None:
+                       share: float | None = None) -> None:
         if not self._degraded:
             try:
                 async with asyncio.timeout(self._deadline):
-                    return await self.shared.cooldown(model, limits, seconds, shrink=shrink)
+                    return await self.shared.cooldown(model, limits, seconds, share=share)
             except FAILURES as exc:
                 self._degrade("cooldown", exc)
-        await self.local.cooldown(model, self._share(limits), seconds, shrink=shrink)
+        await self.local.cooldown(model, self._share(limits), seconds, share=share)
 
     async def record_failure(
         self, model: str, limits: Limits, threshold: int, open_seconds: float

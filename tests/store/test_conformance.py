@@ -17,7 +17,7 @@ from balancer.capacity.base import Grant, Queueing, Wait
 from balancer.capacity.redis import RedisStore
 from balancer.policy import Limits
 
-from .conftest import Backends, lim
+from .conftest import SLOW, Backends, lim
 
 M = "gpt-4"
 
@@ -318,6 +318,7 @@ async def test_keys_carry_prefix_hash_tag_and_ttl(make_redis_store: Backends) ->
         b"tripped",
         b"factor",
         b"lat",
+        b"calm",
     }
     # every write sets the TTL, and a cooldown longer than it keeps the key alive
     for write in (
@@ -412,24 +413,31 @@ async def test_heartbeats_count_live_replicas(make_redis_store: Backends) -> Non
 # --------------------------------------------------------------------------- learning
 
 
-def learning(region: str, cap: float = 1000, *, min_factor: float = 0.25,
+def learning(region: str, cap: float = 1000, *, rate: float = SLOW, min_factor: float = 0.25,
              recovery: float = 0.0, latency_weight: float = 0.0) -> Limits:
-    return replace(lim(region, cap), min_factor=min_factor, recovery_rate=recovery,
+    return replace(lim(region, cap, rate), min_factor=min_factor, recovery_rate=recovery,
                    latency_weight=latency_weight)
 
 
-async def test_throttle_shrinks_learned_capacity_once_per_episode(make_store: Backends) -> None:
+async def test_throttle_shrinks_learned_capacity_to_the_implied_share(
+        make_store: Backends) -> None:
     store = make_store()
-    a = learning("a")
-    await store.cooldown(M, a, 0.3, shrink=True)
-    await store.cooldown(M, a, 0.3, shrink=True)  # the same episode: no second decrease
+    a = learning("a", rate=2000.0)  # refills in 0.5 s: one decrease per 0.5 s
+    await store.cooldown(M, a, 0.0, share=0.99)  # within tolerance: not evidence
+    await store.cooldown(M, learning("b", rate=2000.0), 0.0)  # no share: no evidence
+    [state, sb] = await store.snapshot(M, [a, learning("b", rate=2000.0)])
+    assert state.factor == sb.factor == 1.0
+    await store.cooldown(M, a, 0.0, share=0.6)  # down to what the region implies
+    await store.cooldown(M, a, 0.0, share=0.3)  # the same refill window: no second cut
     [state] = await store.snapshot(M, [a])
-    assert state.factor == pytest.approx(0.7)
-    assert state.tokens_capacity == pytest.approx(700)
-    await asyncio.sleep(0.35)
-    for _ in range(5):  # new episodes shrink again, down to the floor
-        await store.cooldown(M, a, 0.0, shrink=True)
-    await store.cooldown(M, learning("b"), 0.0)  # not evidence: no shrink
+    assert state.factor == pytest.approx(0.6)
+    assert state.tokens_capacity == pytest.approx(600)
+    await asyncio.sleep(0.6)
+    await store.cooldown(M, a, 0.0, share=0.1)  # at most halved per window
+    [state] = await store.snapshot(M, [a])
+    assert state.factor == pytest.approx(0.3)
+    await asyncio.sleep(0.6)
+    await store.cooldown(M, a, 0.0, share=0.0)  # never below the floor
     [state] = await store.snapshot(M, [a])
     assert state.factor == pytest.approx(0.25)
 
@@ -437,7 +445,7 @@ async def test_throttle_shrinks_learned_capacity_once_per_episode(make_store: Ba
 async def test_learning_off_keeps_configured_capacity(make_store: Backends) -> None:
     store = make_store()
     a, b = lim("a"), lim("b")  # min_factor 1.0: learning off
-    await store.cooldown(M, a, 0.0, shrink=True)
+    await store.cooldown(M, a, 0.0, share=0.5)
     await store.observe(M, b, 100.0)
     [sa, sb] = await store.snapshot(M, [a, b])
     assert sa.factor == sb.factor == 1.0 and sa.tokens_capacity == sb.tokens_capacity == 1000
@@ -447,7 +455,7 @@ async def test_learning_off_keeps_configured_capacity(make_store: Backends) -> N
 async def test_learned_capacity_recovers_additively(make_store: Backends) -> None:
     store = make_store()
     a = learning("a", recovery=2.0)  # +2.0 per second: back to 1 within 0.15 s
-    await store.cooldown(M, a, 0.0, shrink=True)
+    await store.cooldown(M, a, 0.0, share=0.7)
     await asyncio.sleep(0.2)
     [state] = await store.snapshot(M, [a])
     assert state.factor == pytest.approx(1.0)

@@ -52,6 +52,7 @@ class Settle:
 class Cooldown:
     region: int
     seconds: float
+    share: float | None = None  # the refill share a 429 implied (learned capacity)
 
 
 @dataclass(frozen=True)
@@ -71,16 +72,17 @@ NAMES = ("a", "b", "c", "d")
 
 def limits_strategy(rate: float) -> st.SearchStrategy[list[Limits]]:
     one = st.builds(
-        lambda cap, rcap, weight, priority: (cap, rcap, weight, priority),
+        lambda cap, rcap, weight, priority, floor: (cap, rcap, weight, priority, floor),
         st.one_of(st.integers(100, 5000), st.sampled_from([1000, 1000, 2000])),
         st.integers(1, 20),
         st.sampled_from([0.5, 1.0, 1.0, 2.0, 3.7]),
         st.sampled_from([0, 0, 0, 1]),
+        st.sampled_from([1.0, 0.2]),  # learned capacity off / on
     )
     return st.lists(one, min_size=1, max_size=len(NAMES)).map(
         lambda specs: [
-            Limits(NAMES[i], float(cap), rate, float(rcap), rate, weight, priority)
-            for i, (cap, rcap, weight, priority) in enumerate(specs)
+            Limits(NAMES[i], float(cap), rate, float(rcap), rate, weight, priority, floor)
+            for i, (cap, rcap, weight, priority, floor) in enumerate(specs)
         ]
     )
 
@@ -99,7 +101,8 @@ all_ops = st.lists(
         acquires,
         acquires,
         settles,
-        st.builds(Cooldown, st.integers(0, 3), st.sampled_from([0.0, 100.0, 1000.0])),
+        st.builds(Cooldown, st.integers(0, 3), st.sampled_from([0.0, 100.0, 1000.0]),
+                  st.sampled_from([None, None, 0.0, 0.35, 0.8, 0.99, 2.0])),
         st.builds(Failure, st.integers(0, 3)),
         st.builds(Success, st.integers(0, 3)),
     ),
@@ -124,14 +127,16 @@ async def run(store: CapacityStore, limits: list[Limits], ops: list[Op]) -> list
             if grants:
                 await store.settle(grants[op.which % len(grants)], op.actual)
         elif isinstance(op, Cooldown):
-            await store.cooldown(M, limits[op.region % len(limits)], op.seconds)
+            await store.cooldown(M, limits[op.region % len(limits)], op.seconds,
+                                 share=op.share)
         elif isinstance(op, Failure):
             trace.append(await store.record_failure(M, limits[op.region % len(limits)], 2, 500))
         else:
             await store.record_success(M, limits[op.region % len(limits)])
     for s in await store.snapshot(M, limits):
         trace.append(
-            (s.region, s.tokens, s.requests, _rounded(s.cooldown_seconds), s.circuit, s.failures)
+            (s.region, s.tokens, s.requests, _rounded(s.cooldown_seconds), s.circuit, s.failures,
+             round(s.factor, 9), s.tokens_capacity)
         )
     return trace
 

@@ -44,7 +44,8 @@ local function weight(level, lim)
   return (math.max(level.tokens, 0.0) + 1.0) * lim.weight
 end
 
-local THROTTLE_DECREASE = 0.7
+local THROTTLE_TOLERANCE = 0.97
+local THROTTLE_MAX_CUT = 0.5
 local DRIFT_DECREASE = 0.9
 local LATENCY_SMOOTHING = 0.2
 
@@ -66,6 +67,16 @@ end
 
 local function decrease(factor, lim, by)
   return math.max(lim.min_factor, factor * by)
+end
+
+local function throttled_factor(factor, lim, share)
+  if share >= factor * THROTTLE_TOLERANCE then return factor end
+  return math.max(lim.min_factor, factor * THROTTLE_MAX_CUT, share)
+end
+
+local function calm_seconds(lim)
+  if lim.tokens_rate > 0 then return lim.tokens_capacity / lim.tokens_rate end
+  return 0.0
 end
 
 local function smooth(average, sample)
@@ -193,11 +204,11 @@ end
 -- `b.eff` its effective limits: the configured ones scaled by the learned factor.
 local function load(key, lim, now)
   local v = redis.call('HMGET', key, 'tokens', 'requests', 'ts', 'cooldown_until',
-    'failures', 'tripped', 'factor', 'lat')
+    'failures', 'tripped', 'factor', 'lat', 'calm')
   if not v[1] then
     return { tokens = lim.tokens_capacity, requests = lim.requests_capacity,
       cooldown_until = 0, failures = 0, tripped = 0, factor = 1.0, lat = 0.0,
-      eff = lim, exists = false }
+      calm_until = 0, eff = lim, exists = false }
   end
   local elapsed = now - tonumber(v[3])
   local factor = recover(tonumber(v[7]) or 1.0, elapsed, lim.recovery_rate)
@@ -210,6 +221,7 @@ local function load(key, lim, now)
     tripped = tonumber(v[6]) or 0,
     factor = factor,
     lat = tonumber(v[8]) or 0.0,
+    calm_until = tonumber(v[9]) or 0,
     eff = eff,
     exists = true,
   }
@@ -231,7 +243,7 @@ local function save(key, b, now, ttl)
   redis.call('HSET', key, 'tokens', fmt(b.tokens), 'requests', fmt(b.requests),
     'ts', fmt(now), 'cooldown_until', fmt(b.cooldown_until),
     'failures', string.format('%d', b.failures), 'tripped', string.format('%d', b.tripped),
-    'factor', fmt(b.factor), 'lat', fmt(b.lat))
+    'factor', fmt(b.factor), 'lat', fmt(b.lat), 'calm', fmt(b.calm_until))
   expire(key, b, now, ttl)
 end
 

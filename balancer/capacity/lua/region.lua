@@ -3,8 +3,8 @@
 -- ARGV     op, ttl, then for every op but record_success the limits (see parse_limits) and:
 --   settle           delta    tokens to charge (actual - reserved; negative refunds),
 --                    latency  seconds per output token ("" when there is no sample)
---   cooldown         seconds, shrink ("1": the 429 was evidence; the first of an episode
---                    shrinks the learned factor)
+--   cooldown         seconds, share (the refill rate the 429 implies, as a share of the
+--                    configured one, "" when it implies none: see policy.throttled_factor)
 --   observe          remaining  tokens the region reported left
 --   record_failure   threshold, open_seconds
 --   record_success   (nothing)
@@ -25,6 +25,14 @@ if op == 'record_success' then
   return 0
 end
 
+-- One decrease per refill window, not per 429 (policy.calm_seconds says why).
+local function shrink(b, lim, now, factor)
+  if factor < b.factor and now >= b.calm_until then
+    b.factor = factor
+    b.calm_until = now + calm_seconds(lim)
+  end
+end
+
 local lim = parse_limits(ARGV[3])[1]
 local b = load(key, lim, now)
 local result = 0
@@ -35,16 +43,15 @@ if op == 'settle' then
   local latency = tonumber(ARGV[5] or '')
   if latency and latency > 0 then b.lat = smooth(b.lat, latency) end
 elseif op == 'cooldown' then
-  if ARGV[5] == '1' and b.cooldown_until <= now then -- one decrease per episode
-    b.factor = decrease(b.factor, lim, THROTTLE_DECREASE)
-  end
+  local share = tonumber(ARGV[5] or '')
+  if share then shrink(b, lim, now, throttled_factor(b.factor, lim, share)) end
   b.cooldown_until = math.max(b.cooldown_until, now + tonumber(ARGV[4]))
   b.tokens = math.min(b.tokens, 0.0) -- the region told us it is empty
 elseif op == 'observe' then
   local remaining = tonumber(ARGV[4])
   if remaining < b.tokens then
     b.tokens = remaining
-    b.factor = decrease(b.factor, lim, DRIFT_DECREASE)
+    shrink(b, lim, now, decrease(b.factor, lim, DRIFT_DECREASE))
   end
 elseif op == 'record_failure' then
   b.failures = b.failures + 1
