@@ -38,6 +38,7 @@ from balancer.capacity.base import CapacityStore, Grant, Queueing, Wait
 from balancer.capacity.memory import MemoryStore
 from balancer.config import Config, GatewayConfig, Target
 from balancer.errors import ClientError
+from balancer.latency import LatencyPools
 from balancer.metrics import Metrics
 from balancer.policy import Limits
 from balancer.sse import UsageTap, error_event
@@ -114,6 +115,7 @@ class Runtime:
     draining: bool = False
     in_flight: int = 0
     children: dict[tuple[int, tuple[str, ...]], Any] = field(default_factory=dict)
+    latency: LatencyPools = field(default_factory=LatencyPools)
 
     def __post_init__(self) -> None:
         self.routes = build_routes(self.config)
@@ -481,7 +483,8 @@ async def settle(call: Call, grant: Grant, usage: tuple[int, int], elapsed: floa
     """Reconcile the reservation with real usage. In `quota` mode, charge what Azure's
     quota counter charges: the real prompt plus the completion budget it reserved; in
     `usage` mode, the tokens really used. With latency weighting on, the same call
-    carries the attempt's seconds per output token."""
+    carries this replica's pooled seconds per output token when one is due
+    (balancer.latency), so an exact estimate still costs no store call."""
     prompt, completion = usage
     if call.gw.settle == "usage":
         charged = prompt + completion
@@ -489,7 +492,8 @@ async def settle(call: Call, grant: Grant, usage: tuple[int, int], elapsed: floa
         charged = prompt + max(call.estimate.completion, completion)
     latency = None
     if call.config.latency_weighting.enabled and completion > 0:
-        latency = elapsed / completion
+        latency = call.rt.latency.add(grant.model, grant.region, elapsed, completion,
+                                      riding=charged != grant.tokens)
     if charged != grant.tokens or latency is not None:  # else settling is a no-op
         await call.rt.store.settle(grant, charged, latency)
     call.record.prompt_tokens, call.record.completion_tokens = usage

@@ -9,8 +9,8 @@ regions.yaml (their real TPM), 3 `balancer serve` replicas sharing one Redis, op
 load processes (bench/loadgen.py, the same request mix), compressed time. Each scenario
 runs twice on a fresh simulator, the policy under test ON then OFF (capacity-only
 balancing); every other policy is set identically in both runs, at the product defaults
-(admission queue enabled with no default wait, learned capacity enabled, latency
-weighting disabled), and written explicitly into both configs.
+(admission queue enabled with no default wait, learned capacity and latency weighting
+enabled), and written explicitly into both configs.
 
   (a) slow:     eastus2 becomes 3x slower at the midpoint (simulator knob slowdown=3);
                 latency_weighting (strength 1.0) ON vs OFF.
@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from balancer.config import AdmissionQueue, LatencyWeighting, LearnedCapacity
 from bench import report
 from bench.balance import (
     Region,
@@ -47,13 +48,14 @@ from bench.balance import (
 from bench.loadgen import Mix, merge
 from bench.procs import PYTHON, ROOT, Procs, free_port, wait_http
 
-# The product defaults of the three policies (README, "Beyond static quotas"): what every
-# policy not under test is set to, in both runs of a scenario.
+# The product defaults of the three policies (balancer.config, README "Beyond static
+# quotas"): what every policy not under test is set to, in both runs of a scenario.
 DEFAULTS: dict[str, Any] = {
-    "admission_queue": {"enabled": True, "default_wait_ms": {
-        "chat/completions": 0, "completions": 0, "embeddings": 0}},
-    "learned_capacity": {"enabled": True},
-    "latency_weighting": {"enabled": False, "strength": 1.0},
+    "admission_queue": {"enabled": AdmissionQueue.enabled,
+                        "default_wait_ms": dict(AdmissionQueue().default_wait_ms)},
+    "learned_capacity": {"enabled": LearnedCapacity.enabled},
+    "latency_weighting": {"enabled": LatencyWeighting.enabled,
+                          "strength": LatencyWeighting.strength},
 }
 
 
