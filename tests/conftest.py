@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -20,6 +21,17 @@ from balancer.protocol import GatewayRunner
 from balancer.simulator import SimConfig, SimDeployment, SimRegion
 
 SMALL = {"big": 60_000, "medium": 30_000, "small": 12_000}
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Any:
+    """`balancer check` and other in-process CLI calls install a JSON handler on the
+    test's captured stderr; once pytest closes that, later tests' logs would fail."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def free_port() -> int:

@@ -76,8 +76,9 @@ async def test_queue_turns_a_burst_into_waits(stack: StackFactory) -> None:
     assert 4 < elapsed < 15
     _, metrics = await get(f"{s.url}/metrics")
     assert 'balancer_admission_wait_seconds_count{model="gpt-4",outcome="admitted"}' in metrics
-    # at most the odd 429 at the bucket's edge, which the queue absorbs as a wait
-    assert (await s.sim_stats())["a"]["gpt-4-dep"]["throttled"] <= 1
+    # at most the odd 429 at the bucket's edge (two, seen once on a loaded CI machine),
+    # which the queue absorbs as a wait: far from one per waiter
+    assert (await s.sim_stats())["a"]["gpt-4-dep"]["throttled"] <= 2
 
 
 async def test_queue_deadline_gives_429_with_retry_after(stack: StackFactory) -> None:
