@@ -39,6 +39,7 @@ from balancer.capacity.memory import MemoryStore
 from balancer.config import Config, GatewayConfig, Target
 from balancer.errors import ClientError
 from balancer.latency import LatencyPools
+from balancer.logs import AccessLog
 from balancer.metrics import Metrics
 from balancer.policy import Limits
 from balancer.sse import UsageTap, error_event
@@ -116,6 +117,7 @@ class Runtime:
     in_flight: int = 0
     children: dict[tuple[int, tuple[str, ...]], Any] = field(default_factory=dict)
     latency: LatencyPools = field(default_factory=LatencyPools)
+    access: AccessLog = field(default_factory=lambda: AccessLog(access_log))
 
     def __post_init__(self) -> None:
         self.routes = build_routes(self.config)
@@ -761,14 +763,13 @@ async def openai_errors(request: web.Request, handler):  # type: ignore[no-untyp
         if not response.prepared:  # streams count themselves once relayed
             rt.child(rt.metrics.requests, record.model, record.region or "none",
                      str(response.status)).inc()
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info("request", extra={"fields": {
-                "request_id": request_id, "method": request.method, "path": request.path,
-                "model": record.model, "region": record.region, "attempts": record.attempts,
-                "status": response.status,
-                "latency_ms": round((time.perf_counter() - started) * 1000, 2),
-                "prompt_tokens": record.prompt_tokens,
-                "completion_tokens": record.completion_tokens}})
+        rt.access.write({
+            "request_id": request_id, "method": request.method, "path": request.path,
+            "model": record.model, "region": record.region, "attempts": record.attempts,
+            "status": response.status,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+            "prompt_tokens": record.prompt_tokens,
+            "completion_tokens": record.completion_tokens})
     return response
 
 
@@ -828,6 +829,7 @@ def create_app(config: Config, *, store: CapacityStore | None = None,
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_store_lifecycle)
     app.cleanup_ctx.append(_loop_lag_probe)
+    app.cleanup_ctx.append(_access_log_writer)
     app.on_response_prepare.append(add_request_id)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
@@ -857,6 +859,14 @@ async def _store_lifecycle(app: web.Application) -> AsyncIterator[None]:
         await start()
     yield
     await store.close()
+
+
+async def _access_log_writer(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(app[RUNTIME].access.run(), name="balancer-access-log")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _loop_lag_probe(app: web.Application) -> AsyncIterator[None]:

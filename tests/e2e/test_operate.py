@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,6 +53,19 @@ def sim_calls(sim_url: str) -> dict[str, int]:
 def metric(text: str, prefix: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(prefix))
+
+
+def access_lines(log: str) -> list[dict[str, Any]]:
+    """The gateway's access-log lines: JSON objects with message "request"."""
+    out = []
+    for text in log.splitlines():
+        try:
+            entry = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("logger") == "balancer.access":
+            out.append(entry)
+    return out
 
 
 def scrape(url: str) -> str:
@@ -106,6 +120,12 @@ def test_reload_under_load_loses_nothing(procs: Procs, tmp_path: Path) -> None:
     assert report["statuses"] == {"200": report["sent"]}, report["errors"]
     assert reloads_ok >= 2 and reloads_bad == 1
     assert "regions[0].deployments.gpt-4.tpm: must be >= 1" in procs.log("gateway")
+    time.sleep(0.5)  # access lines are written in batches, every 0.1 s
+    lines = access_lines(procs.log("gateway"))
+    assert len(lines) == report["sent"]  # one per request, none lost or doubled
+    assert {line["status"] for line in lines} == {200}
+    assert all(line["message"] == "request" and line["level"] == "info" and line["region"]
+               and line["request_id"] and line["latency_ms"] > 0 for line in lines)
 
 
 def test_sigterm_drains_a_stream_in_flight(procs: Procs, tmp_path: Path) -> None:
@@ -140,5 +160,7 @@ def test_sigterm_drains_a_stream_in_flight(procs: Procs, tmp_path: Path) -> None
     reader.join(30)
     assert gateway_proc.wait(30) == 0
     assert events[-1] == b"data: [DONE]", events[-3:]
+    # the drained stream's access line was flushed on the way out
+    assert [line["status"] for line in access_lines(procs.log("gateway"))] == [200]
     assert not any(b'"error"' in e for e in events)
     assert len(events) > 10
