@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from balancer import config as config_mod
-from balancer import embedded, simulator
+from balancer import embedded, logs, simulator
 from balancer.capacity.base import CapacityStore
 from balancer.config import Config
 from balancer.gateway import create_app
@@ -28,10 +28,11 @@ def _root_logging_restored() -> Any:
     """`balancer check` and other in-process CLI calls install a JSON handler on the
     test's captured stderr; once pytest closes that, later tests' logs would fail."""
     root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+    handlers, level, stream = root.handlers[:], root.level, logs._stream
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    logs._stream = stream
 
 
 def free_port() -> int:
