@@ -523,15 +523,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-minutes", type=float, default=1.0,
                    help="simulated minutes excluded from the steady state (1)")
     p.add_argument("--strategies", default="naive,static,redis,later",
-                   type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                   type=report.comma_list,
                    help="comma-separated subset of naive,static,redis,later")
     p.add_argument("--replicas", type=int, default=3, help="proxy/gateway processes (3)")
     p.add_argument("--clients", type=int, default=3, help="load-generator processes (3)")
     p.add_argument("--max-attempts", type=int, help="override gateway.max_attempts")
     add_load_arguments(p)
-    p.add_argument("--out-dir", type=Path, default=report.RESULTS,
-                   help="where the JSON record and the PNG go (bench/results)")
-    p.add_argument("--no-write", action="store_true", help="print only, write no files")
+    report.add_output_arguments(p, "the JSON record and the PNG")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -346,9 +346,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gateway-log-level", default="INFO",
                    help="the gateways' log level (INFO, the default, writes access logs)")
     p.add_argument("--no-litellm", action="store_true", help="skip the optional litellm row")
-    p.add_argument("--out-dir", type=Path, default=report.RESULTS,
-                   help="where the JSON record goes (bench/results)")
-    p.add_argument("--no-write", action="store_true", help="print only, write no files")
+    report.add_output_arguments(p)
 
 
 def main(argv: list[str] | None = None) -> int:

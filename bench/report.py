@@ -3,6 +3,7 @@ a progress line."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -15,6 +16,18 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def comma_list(text: str) -> list[str]:
+    """An argparse type: "a, b,,c" -> ["a", "b", "c"]."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def add_output_arguments(p: argparse.ArgumentParser, what: str = "the JSON record") -> None:
+    """--out-dir and --no-write, the same for every benchmark."""
+    p.add_argument("--out-dir", type=Path, default=RESULTS,
+                   help=f"where {what} goes (bench/results)")
+    p.add_argument("--no-write", action="store_true", help="print only, write no files")
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

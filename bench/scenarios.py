@@ -465,15 +465,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="CI smoke: every run a few seconds, no thresholds")
     p.add_argument("--scenarios", default="slow,cotenant,burst",
-                   type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                   type=report.comma_list,
                    help="comma-separated subset of slow,cotenant,burst")
     p.add_argument("--replicas", type=int, default=3, help="gateway processes (3)")
     p.add_argument("--clients", type=int, default=2,
                    help="most load processes per load phase (2)")
     add_load_arguments(p)
-    p.add_argument("--out-dir", type=Path, default=report.RESULTS,
-                   help="where the JSON record goes (bench/results)")
-    p.add_argument("--no-write", action="store_true", help="print only, write no files")
+    report.add_output_arguments(p)
 
 
 def main(argv: list[str] | None = None) -> int:
