@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 # Everything a sick Redis (or the network to it) can raise. OSError covers socket
 # errors that escape redis-py; TimeoutError is also what asyncio.timeout raises.
 FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
+STARTUP_SECONDS = 1.0  # bound on connecting to the store when a replica starts
 
 
 @lru_cache(maxsize=4096)
@@ -98,6 +99,13 @@ class ResilientStore:
         """Register this replica and start probing and heartbeats. Optional: the first
         operation starts the background task too, but without a heartbeat first."""
         if self._task is None and not self._closed:
+            # Connect first, under a start-up bound rather than the per-call deadline:
+            # on a new connection the first call also pays the TCP connect and the client
+            # handshake, which on a busy host can overrun the deadline and start a healthy
+            # replica degraded. A store that does not answer still degrades at `_beat`.
+            with contextlib.suppress(*FAILURES):
+                async with asyncio.timeout(max(self._deadline, STARTUP_SECONDS)):
+                    await self.shared.ping()
             await self._beat()
             self._ensure_task()
 

@@ -229,7 +229,7 @@ async def test_factory_builds_the_backends(server: RedisServer) -> None:
     assert store.name == "redis"
     await store.start()
     assert isinstance(await store.acquire(M, [lim("a")], 10, 0.5), Grant)
-    assert trips == ["heartbeat", "acquire"]
+    assert trips == ["ping", "heartbeat", "acquire"]  # start connects, then joins
     await store.close()
     for url, cluster in (
         ("redis+cluster://127.0.0.1:7000", False),
