@@ -20,7 +20,7 @@ from balancer import logs, reload
 from balancer.config import Config, ConfigError
 from balancer.gateway import RUNTIME, create_app
 from balancer.protocol import GatewayRunner
-from balancer.simulator import SimConfig
+from balancer.sim import SimConfig
 
 log = logging.getLogger("balancer")
 
@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="tolerate unset endpoint/key variables, as serve --simulate does")
 
     simulate = sub.add_parser("simulate", help="run simulated Azure-like regions")
-    from balancer import simulator
+    from balancer import sim
 
-    simulator.add_arguments(simulate)
+    sim.add_arguments(simulate)
 
     bench = sub.add_parser(
         "bench", help="run a benchmark (from a clone of the repository)",
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_check(args.file, simulate=args.simulate)
     if args.command == "simulate":
         try:
-            sim_config = simulator.config_from_args(args)
+            sim_config = sim.config_from_args(args)
         except ConfigError as exc:
             print(exc, file=sys.stderr)
             return 1
@@ -129,10 +129,10 @@ async def _serve(cfg: Config, *, simulate: bool) -> int:
     sim_runner = None
     rewrite: Callable[[Config], Config] = lambda c: c  # noqa: E731
     if simulate:
-        from balancer import embedded, simulator
+        from balancer import sim
 
-        sim_runner, sim_url = await simulator.start(embedded.simulator_config(cfg))
-        rewrite = partial(embedded.with_simulated_endpoints, base_url=sim_url)
+        sim_runner, sim_url = await sim.start(sim.simulator_config(cfg))
+        rewrite = partial(sim.with_simulated_endpoints, base_url=sim_url)
         log.info("simulated regions at %s: %s", sim_url, ", ".join(r.name for r in cfg.regions))
     log.info("capacity: %s", _capacity_summary(cfg))
     overrides = (cfg.listen, cfg.gateway.time_scale)
@@ -185,9 +185,9 @@ def _capacity_summary(cfg: Config) -> str:
 
 
 async def _simulate(sim_config: SimConfig, host: str, port: int) -> int:
-    from balancer import simulator
+    from balancer import sim
 
-    runner, url = await simulator.start(sim_config, host=host, port=port)
+    runner, url = await sim.start(sim_config, host=host, port=port)
     log.info("simulated regions at %s: %s", url, ", ".join(r.name for r in sim_config.regions))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

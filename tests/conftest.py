@@ -13,12 +13,12 @@ import pytest
 from aiohttp import web
 
 from balancer import config as config_mod
-from balancer import embedded, logs, simulator
+from balancer import logs, sim
 from balancer.capacity.base import CapacityStore
 from balancer.config import Config
 from balancer.gateway import create_app
 from balancer.protocol import GatewayRunner
-from balancer.simulator import SimConfig, SimDeployment, SimRegion
+from balancer.sim import SimConfig, SimDeployment, SimRegion
 
 SMALL = {"big": 60_000, "medium": 30_000, "small": 12_000}
 
@@ -86,10 +86,10 @@ async def stack() -> AsyncIterator[StackFactory]:
     async def start(config: Config, *, store: CapacityStore | None = None,
                     api_keys: tuple[bytes, ...] = (), sim_knobs: dict[str, Any] | None = None,
                     seed: int = 7) -> Stack:
-        sim_cfg = embedded.simulator_config(config, seed=seed, **(sim_knobs or {}))
-        sim_runner, sim_url = await simulator.start(sim_cfg)
+        sim_cfg = sim.simulator_config(config, seed=seed, **(sim_knobs or {}))
+        sim_runner, sim_url = await sim.start(sim_cfg)
         runners.append(sim_runner)
-        cfg = embedded.with_simulated_endpoints(config, sim_url)
+        cfg = sim.with_simulated_endpoints(config, sim_url)
         app = create_app(cfg, store=store, api_keys=api_keys)
         runner = GatewayRunner(app, access_log=None)  # what `balancer serve` runs
         await runner.setup()

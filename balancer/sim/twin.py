@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from balancer.config import Config, Region, Secret
-from balancer.simulator import SimConfig, SimDeployment, SimRegion
+from balancer.sim.config import SimConfig, SimDeployment, SimRegion
 
 
 def sim_key(region: str) -> str:
