@@ -4,7 +4,8 @@ Azure admits a request by its *estimated* cost: prompt tokens plus the
 completion budget (`max_tokens`). We reserve the same figure and settle it
 against the real `usage` afterwards, so a fast estimate is enough: about four
 characters per token plus a small per-message overhead (the same rule of thumb
-OpenAI documents). Pure functions, no I/O.
+OpenAI documents). Pure functions, no I/O; `balancer.operations` says which
+estimator each API operation uses.
 """
 
 from __future__ import annotations
@@ -15,9 +16,6 @@ from typing import Any
 CHARS_PER_TOKEN = 4
 MESSAGE_OVERHEAD = 4  # role and separators per chat message
 REPLY_PRIMING = 3  # every chat reply is primed with <|start|>assistant<|message|>
-
-OPERATIONS = ("chat/completions", "completions", "embeddings")
-
 
 @dataclass(frozen=True, slots=True)
 class Estimate:
@@ -71,37 +69,39 @@ def _input_tokens(value: Any) -> int:
     return 0
 
 
-def prompt_tokens(operation: str, body: dict[str, Any]) -> int:
-    """Estimated prompt (input) tokens of a request body already shape-checked."""
-    if operation == "chat/completions":
-        total = REPLY_PRIMING
-        for message in body.get("messages") or ():
-            if not isinstance(message, dict):
-                continue
-            total += MESSAGE_OVERHEAD + _content_tokens(message.get("content"))
-            name = message.get("name")
-            if isinstance(name, str):
-                total += text_tokens(name)
-            tool_calls = message.get("tool_calls")
-            if tool_calls:
-                total += text_tokens(str(tool_calls))
-        tools = body.get("tools") or body.get("functions")
-        if tools:
-            total += text_tokens(str(tools))
-        return total
-    if operation == "completions":
-        return _input_tokens(body.get("prompt"))
-    if operation == "embeddings":
-        return _input_tokens(body.get("input"))
-    raise ValueError(f"unknown operation {operation!r}")
+def chat_prompt_tokens(body: dict[str, Any]) -> int:
+    """Estimated prompt tokens of a chat request: every message with its overhead, names,
+    tool calls and the tools offered."""
+    total = REPLY_PRIMING
+    for message in body.get("messages") or ():
+        if not isinstance(message, dict):
+            continue
+        total += MESSAGE_OVERHEAD + _content_tokens(message.get("content"))
+        name = message.get("name")
+        if isinstance(name, str):
+            total += text_tokens(name)
+        tool_calls = message.get("tool_calls")
+        if tool_calls:
+            total += text_tokens(str(tool_calls))
+    tools = body.get("tools") or body.get("functions")
+    if tools:
+        total += text_tokens(str(tools))
+    return total
 
 
-def completion_budget(operation: str, body: dict[str, Any], default_max_tokens: int) -> int:
+def prompt_field_tokens(body: dict[str, Any]) -> int:
+    """Completions: the `prompt`."""
+    return _input_tokens(body.get("prompt"))
+
+
+def input_field_tokens(body: dict[str, Any]) -> int:
+    """Embeddings: the `input`."""
+    return _input_tokens(body.get("input"))
+
+
+def completion_budget(body: dict[str, Any], default_max_tokens: int) -> int:
     """The completion tokens the upstream will reserve: `max_completion_tokens`,
-    else `max_tokens`, else the deployment's default; embeddings have none.
-    `n` choices each get the budget."""
-    if operation == "embeddings":
-        return 0
+    else `max_tokens`, else the deployment's default. `n` choices each get the budget."""
     budget = body.get("max_completion_tokens")
     if budget is None:
         budget = body.get("max_tokens")
@@ -112,8 +112,6 @@ def completion_budget(operation: str, body: dict[str, Any], default_max_tokens: 
     return int(budget) * choices
 
 
-def estimate(operation: str, body: dict[str, Any], default_max_tokens: int) -> Estimate:
-    return Estimate(
-        prompt_tokens(operation, body),
-        completion_budget(operation, body, default_max_tokens),
-    )
+def no_completion(body: dict[str, Any], default_max_tokens: int) -> int:
+    """Embeddings generate nothing: the input is the whole cost."""
+    return 0

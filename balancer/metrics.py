@@ -8,6 +8,8 @@ no request ids, no client keys. Each app owns its registry, so tests stay isolat
 
 from __future__ import annotations
 
+from functools import partial
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
@@ -17,6 +19,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
+        # Per-region gauges, set from the store's snapshot at each scrape.
+        region_gauge = partial(Gauge, labelnames=("model", "region"), registry=r)
         self.requests = Counter(
             "balancer_requests", "Client requests answered, by the region that served them "
             "(\"none\" when no region did) and the HTTP status returned to the client.",
@@ -48,32 +52,27 @@ class Metrics:
             "balancer_client_rejections", "Requests refused before reaching a region, by "
             "reason (auth, bad_request, not_found, too_large, no_capacity).",
             ["reason"], registry=r)
-        self.remaining_tokens = Gauge(
+        self.remaining_tokens = region_gauge(
             "balancer_remaining_tokens", "Tokens left in a region's bucket, read from the "
-            "store at scrape time.", ["model", "region"], registry=r)
-        self.capacity_tokens = Gauge(
-            "balancer_capacity_tokens", "A region's bucket size (its burst window of TPM).",
-            ["model", "region"], registry=r)
-        self.remaining_requests = Gauge(
+            "store at scrape time.")
+        self.capacity_tokens = region_gauge(
+            "balancer_capacity_tokens", "A region's bucket size (its burst window of TPM).")
+        self.remaining_requests = region_gauge(
             "balancer_remaining_requests", "Requests left in a region's request (RPM) bucket, "
-            "read from the store at scrape time.", ["model", "region"], registry=r)
-        self.region_tpm = Gauge(
-            "balancer_region_tpm", "A region's configured tokens-per-minute quota for a model.",
-            ["model", "region"], registry=r)
-        self.capacity_factor = Gauge(
+            "read from the store at scrape time.")
+        self.region_tpm = region_gauge(
+            "balancer_region_tpm", "A region's configured tokens-per-minute quota for a model.")
+        self.capacity_factor = region_gauge(
             "balancer_effective_capacity_ratio", "Learned share of a region's configured "
-            "token capacity that the gateway uses (1 = all; lower after unexpected 429s).",
-            ["model", "region"], registry=r)
-        self.latency_per_token = Gauge(
+            "token capacity that the gateway uses (1 = all; lower after unexpected 429s).")
+        self.latency_per_token = region_gauge(
             "balancer_latency_per_token_seconds", "Smoothed seconds per output token of a "
-            "region, shared across replicas (0 until sampled; only with latency weighting).",
-            ["model", "region"], registry=r)
-        self.cooldown = Gauge(
+            "region, shared across replicas (0 until sampled; only with latency weighting).")
+        self.cooldown = region_gauge(
             "balancer_region_cooldown_seconds", "Seconds left before a cooled-down region "
-            "is used again (0 when usable).", ["model", "region"], registry=r)
-        self.circuit_open = Gauge(
-            "balancer_circuit_open", "1 while a region's circuit breaker is open, else 0.",
-            ["model", "region"], registry=r)
+            "is used again (0 when usable).")
+        self.circuit_open = region_gauge(
+            "balancer_circuit_open", "1 while a region's circuit breaker is open, else 0.")
         self.store_degraded = Gauge(
             "balancer_store_degraded", "1 while the shared store is unreachable and this "
             "replica serves from local buckets.", registry=r)

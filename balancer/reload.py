@@ -19,6 +19,7 @@ from pathlib import Path
 from aiohttp import web
 
 from balancer.config import Config, ConfigError
+from balancer.gateway.runtime import RUNTIME
 
 log = logging.getLogger("balancer.reload")
 
@@ -27,8 +28,6 @@ Loader = Callable[[], Config]
 
 class Reloader:
     def __init__(self, app: web.Application, path: str, load: Loader):
-        from balancer.gateway import RUNTIME
-
         self.rt = app[RUNTIME]
         self.path = Path(path)
         self.load = load

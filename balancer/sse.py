@@ -1,27 +1,52 @@
 """Server-sent events passing through: relay as they arrive, read the usage.
 
-Chunks are forwarded as soon as an event is complete; only events that carry a
-non-null `usage` are parsed. When the gateway (not the client) asked for
-`stream_options.include_usage`, the extra usage-only chunk is read for
-settlement and dropped, so the client sees the stream it asked for.
+Chunks are forwarded as soon as an event is complete; only events that may carry
+the usage are parsed. Each streaming operation names its `StreamFormat` in
+`balancer.operations`: how its stream ends, where its usage is, and whether the
+gateway must ask the region for the usage (chat and completions streams carry it
+only with `stream_options.include_usage`; when the gateway, not the client, asked,
+the extra usage-only chunk is read for settlement and dropped, so the client sees
+the stream it asked for).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from balancer.upstream import usage_of
+from balancer.usage import Usage
 
 EVENT_END = re.compile(rb"\r?\n\r?\n")
 NULL_USAGE = (b'"usage":null', b'"usage": null')
 
 
-class UsageTap:
-    def __init__(self, strip_usage_chunk: bool):
-        self.strip = strip_usage_chunk
-        self.usage: tuple[int, int] | None = None
-        self.done = False  # saw `data: [DONE]`
+class StreamTap(Protocol):
+    """Watches a stream pass: what to forward now, the usage once seen, and whether
+    the stream reached its proper end (else it was cut)."""
+
+    usage: Usage | None
+    done: bool
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFormat:
+    tap: Callable[[bool], StreamTap]  # called with "strip the usage chunk"
+    ask_usage: bool  # the region sends usage only if the request asks for it
+
+
+class EventTap:
+    """Whole events out, split on blank lines; `_keep` decides each event's fate."""
+
+    def __init__(self) -> None:
+        self.usage: Usage | None = None
+        self.done = False
         self._buffer = b""
 
     def feed(self, chunk: bytes) -> bytes:
@@ -43,13 +68,26 @@ class UsageTap:
         return rest if rest and self._keep(rest) else b""
 
     def _keep(self, event: bytes) -> bool:
+        raise NotImplementedError
+
+
+class UsageTap(EventTap):
+    """Chat and completions streams: `data: {...}` chunks ending with `data: [DONE]`;
+    the usage is in a chunk of its own with `choices: []`."""
+
+    def __init__(self, strip_usage_chunk: bool, usage: Callable[[Any], Usage | None]):
+        super().__init__()
+        self.strip = strip_usage_chunk
+        self._usage_of = usage
+
+    def _keep(self, event: bytes) -> bool:
         if b"[DONE]" in event:
             self.done = True
             return True
         if b'"usage"' not in event or any(n in event for n in NULL_USAGE):
             return True
-        payload = _data_json(event)
-        usage = usage_of(payload)
+        payload = data_json(event)
+        usage = self._usage_of(payload)
         if usage is None:
             return True
         self.usage = usage
@@ -57,7 +95,8 @@ class UsageTap:
         return not (self.strip and isinstance(payload, dict) and payload.get("choices") == [])
 
 
-def _data_json(event: bytes) -> object:
+def data_json(event: bytes) -> object:
+    """The JSON of an event's `data:` lines, or None."""
     lines = [line[5:].strip() for line in event.splitlines() if line.startswith(b"data:")]
     if not lines:
         return None

@@ -1,5 +1,5 @@
 """HTTP to regions: URLs and auth per kind, the body each region needs, and the
-signals a region sends back (throttle wait, usage).
+signals a region sends back (throttle wait, remaining tokens).
 
 One pooled `ClientSession` serves every region (keep-alive matters: a TLS
 handshake per request would cost more than the whole gateway).
@@ -11,7 +11,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import aiohttp
 
@@ -62,7 +62,8 @@ def body_for(target: Target, req: ClientRequest) -> bytes:
     """The bytes to send: the client's own bytes unless the region needs a change.
     Streams always ask for the final usage chunk, so the reservation settles on real
     usage; OpenAI-kind regions need the model field to name their deployment."""
-    needs_usage = req.stream and not req.include_usage
+    needs_usage = req.stream and req.op.stream is not None and req.op.stream.ask_usage \
+        and not req.include_usage
     needs_model = target.region.kind == "openai" and req.body.get("model") != (
         target.deployment.deployment)
     if not needs_usage and not needs_model:
@@ -144,17 +145,3 @@ def _duration(value: str | None) -> float | None:
     if not parts:
         return None
     return sum(float(n) * UNIT_SECONDS[u] for n, u in parts)
-
-
-def usage_of(payload: Any) -> tuple[int, int] | None:
-    """(prompt_tokens, completion_tokens) from a response or final stream chunk."""
-    if not isinstance(payload, dict):
-        return None
-    usage = payload.get("usage")
-    if not isinstance(usage, dict):
-        return None
-    prompt = usage.get("prompt_tokens")
-    completion = usage.get("completion_tokens", 0) or 0
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        return None
-    return prompt, completion

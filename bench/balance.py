@@ -35,11 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from balancer import config as config_mod
-from balancer import cost
 from balancer.config import ConfigError
+from balancer.operations import OPERATIONS
 from bench import report
 from bench.loadgen import Mix, merge
 from bench.procs import PYTHON, ROOT, Procs, get_json
+
+CHAT = OPERATIONS["chat/completions"]
 
 SIM_KEY = "bench-key"
 API_VERSION = "2024-06-01"
@@ -146,7 +148,7 @@ def mean_cost(mix: Mix, samples: int = 4000) -> float:
     total = 0
     for _ in range(samples):
         body = mix.body(rng)
-        total += cost.estimate("chat/completions", body, 1024).total
+        total += CHAT.estimate(body, 1024).total
     return total / samples
 
 

@@ -4,12 +4,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from balancer import cost
+from balancer.operations import OPERATIONS
+
+CHAT, EMBEDDINGS = OPERATIONS["chat/completions"], OPERATIONS["embeddings"]
 
 
 def test_chat_estimate_counts_messages_and_budget() -> None:
     body = {"messages": [{"role": "system", "content": "x" * 40},
                          {"role": "user", "content": "y" * 8}], "max_tokens": 100}
-    est = cost.estimate("chat/completions", body, default_max_tokens=1024)
+    est = CHAT.estimate(body, default_max_tokens=1024)
     assert est.prompt == 3 + (4 + 10) + (4 + 2)
     assert est.completion == 100
     assert est.total == est.prompt + 100
@@ -17,22 +20,22 @@ def test_chat_estimate_counts_messages_and_budget() -> None:
 
 def test_budget_precedence_and_default() -> None:
     body = {"messages": [{"role": "user", "content": "hi"}]}
-    assert cost.completion_budget("chat/completions", body, 77) == 77
-    assert cost.completion_budget("chat/completions", {**body, "max_tokens": 5}, 77) == 5
+    assert cost.completion_budget(body, 77) == 77
+    assert cost.completion_budget({**body, "max_tokens": 5}, 77) == 5
     both = {**body, "max_tokens": 5, "max_completion_tokens": 9, "n": 2}
-    assert cost.completion_budget("chat/completions", both, 77) == 18
+    assert cost.completion_budget(both, 77) == 18
 
 
 def test_embeddings_cost_input_only() -> None:
-    est = cost.estimate("embeddings", {"input": ["abcd", "abcdefgh"], "max_tokens": 50}, 1024)
+    est = EMBEDDINGS.estimate({"input": ["abcd", "abcdefgh"], "max_tokens": 50}, 1024)
     assert est == cost.Estimate(3, 0)
-    assert cost.prompt_tokens("embeddings", {"input": [[1, 2, 3], [4]]}) == 4
+    assert EMBEDDINGS.prompt_tokens({"input": [[1, 2, 3], [4]]}) == 4
 
 
 def test_multipart_content() -> None:
     body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "abcdefgh"},
                                                       {"type": "image_url", "image_url": {}}]}]}
-    assert cost.prompt_tokens("chat/completions", body) == 3 + 4 + 2 + 85
+    assert CHAT.prompt_tokens(body) == 3 + 4 + 2 + 85
 
 
 @given(st.text(max_size=2000))

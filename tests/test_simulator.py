@@ -12,8 +12,11 @@ import aiohttp
 import openai
 import pytest
 
-from balancer import cost, simulator
-from balancer.simulator import SimConfig, SimDeployment, SimRegion, create_app
+from balancer import sim
+from balancer.operations import OPERATIONS
+from balancer.sim import SimConfig, SimDeployment, SimRegion, create_app
+
+CHAT_OP = OPERATIONS["chat/completions"]
 
 AZURE_CHAT = "/eastus2/openai/deployments/gpt-4/chat/completions?api-version=2024-06-01"
 OPENAI_CHAT = "/eastus2/v1/chat/completions"
@@ -104,7 +107,7 @@ async def test_chat_completion_shape_and_usage(make_client: Any, shape: str) -> 
         "length",
     )
     usage = data["usage"]
-    assert usage["prompt_tokens"] == cost.prompt_tokens("chat/completions", CHAT)
+    assert usage["prompt_tokens"] == CHAT_OP.prompt_tokens(CHAT)
     assert 20 <= usage["completion_tokens"] <= 40  # completion_fraction (0.5, 1.0) of max_tokens
     assert len(choice["message"]["content"].split()) == usage["completion_tokens"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
@@ -120,7 +123,7 @@ async def test_completions_shape(make_client: Any, shape: str) -> None:
     assert all(c["logprobs"] is None and c["finish_reason"] for c in data["choices"])
     words = sum(len(c["text"].split()) for c in data["choices"])
     assert data["usage"]["completion_tokens"] == words
-    assert data["usage"]["prompt_tokens"] == cost.prompt_tokens("completions", body)
+    assert data["usage"]["prompt_tokens"] == OPERATIONS["completions"].prompt_tokens(body)
 
 
 @pytest.mark.parametrize("shape", ["azure", "openai"])
@@ -132,7 +135,7 @@ async def test_embeddings_shape(make_client: Any, shape: str) -> None:
     assert data["object"] == "list"
     assert [d["index"] for d in data["data"]] == [0, 1, 2]
     assert all(d["object"] == "embedding" and len(d["embedding"]) == 8 for d in data["data"])
-    tokens = cost.prompt_tokens("embeddings", body)
+    tokens = OPERATIONS["embeddings"].prompt_tokens(body)
     assert data["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
     assert (await stats(client))["admitted_tokens"] == tokens  # embeddings cost prompt only
 
@@ -195,7 +198,7 @@ async def test_token_limit_429_then_refill(make_client: Any) -> None:
     # 600 TPM over a 10 s window: a 100-token bucket refilling 10 tokens/s
     client = await make_client(config(region(tpm=600, rpm=6000)), clock)
     body = {**CHAT, "max_tokens": 50}
-    charge = cost.prompt_tokens("chat/completions", body) + 50
+    charge = CHAT_OP.prompt_tokens(body) + 50
     first = await client.post(AZURE_CHAT, json=body, headers=headers())
     assert first.status == 200
     assert first.headers["x-ratelimit-remaining-tokens"] == str(100 - charge)
@@ -290,7 +293,7 @@ async def test_chat_stream(make_client: Any, include_usage: bool) -> None:
         assert all(c["usage"] is None for c in content)
         assert final["choices"] == []
         assert final["usage"]["completion_tokens"] == completion
-        assert final["usage"]["prompt_tokens"] == cost.prompt_tokens("chat/completions", body)
+        assert final["usage"]["prompt_tokens"] == CHAT_OP.prompt_tokens(body)
         assert content[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     else:
         assert all("usage" not in c for c in chunks)
@@ -393,7 +396,7 @@ async def test_hang_times_out_client_without_blocking_others(make_client: Any) -
 
 
 async def test_shutdown_releases_hung_requests() -> None:
-    runner, base = await simulator.start(config(region(hang=True)))
+    runner, base = await sim.start(config(region(hang=True)))
     async with aiohttp.ClientSession() as session:
         hung = asyncio.create_task(session.post(base + AZURE_CHAT, json=CHAT, headers=headers()))
         await asyncio.sleep(0.1)
@@ -428,15 +431,15 @@ async def test_control_endpoint(make_client: Any) -> None:
 
 
 async def test_stats_and_reset(make_client: Any) -> None:
-    client = await make_client()
+    client = await make_client(clock=FakeClock())  # no refill between the requests
     bodies = [{**CHAT, "max_tokens": 10}, {**CHAT, "max_tokens": 30}]
     for body in bodies:
         await client.post(AZURE_CHAT, json=body, headers=headers())
-    expected = sum(cost.prompt_tokens("chat/completions", b) + b["max_tokens"] for b in bodies)
+    expected = sum(CHAT_OP.prompt_tokens(b) + b["max_tokens"] for b in bodies)
     s = await stats(client)
     assert (s["requests"], s["admitted"], s["admitted_tokens"]) == (2, 2, expected)
     assert s["peak_window_tokens"] == expected
-    assert s["tokens_available"] == pytest.approx(100_000 / 6 - expected, abs=5)
+    assert s["tokens_available"] == pytest.approx(100_000 / 6 - expected)
     assert s["max_tokens_over_window"] == pytest.approx(100_000 + 100_000 / 6)
     await client.post("/_sim/reset")
     s = await stats(client)
@@ -454,19 +457,19 @@ async def test_same_seed_same_answers(make_client: Any) -> None:
 
 
 def test_reference_regions_and_cli_config() -> None:
-    regions = simulator.reference_regions("gpt-4o", [SimDeployment("embed", 50_000)])
+    regions = sim.reference_regions("gpt-4o", [SimDeployment("embed", 50_000)])
     assert len(regions) == 8
-    assert {r.name: r.deployments[0].tpm for r in regions} == simulator.REFERENCE_TPM
-    assert simulator.REFERENCE_TPM["eastus2"] == 100_000
-    assert simulator.REFERENCE_TPM["switzerlandnorth"] == 40_000
-    assert simulator.REFERENCE_TPM["francecentral"] == 20_000
+    assert {r.name: r.deployments[0].tpm for r in regions} == sim.REFERENCE_TPM
+    assert sim.REFERENCE_TPM["eastus2"] == 100_000
+    assert sim.REFERENCE_TPM["switzerlandnorth"] == 40_000
+    assert sim.REFERENCE_TPM["francecentral"] == 20_000
     assert all([d.name for d in r.deployments] == ["gpt-4o", "embed"] for r in regions)
     assert regions[0].deployments[0].rpm == 600
     assert regions[0].deployments[1] is not regions[1].deployments[1]
 
     parser = argparse.ArgumentParser()
-    simulator.add_arguments(parser)
-    cfg = simulator.config_from_args(parser.parse_args(["--time-scale", "10", "--seed", "3"]))
+    sim.add_arguments(parser)
+    cfg = sim.config_from_args(parser.parse_args(["--time-scale", "10", "--seed", "3"]))
     assert (cfg.time_scale, cfg.seed, len(cfg.regions)) == (10, 3, 8)
 
 

@@ -20,9 +20,8 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from balancer import config as config_mod
-from balancer import gateway
 from balancer.errors import ClientError
-from balancer.gateway import RUNTIME, create_app
+from balancer.gateway import RUNTIME, clients, create_app
 from balancer.protocol import GatewayRunner
 from tests.conftest import StackFactory, free_port, gateway_config
 from tests.faults.harness import (
@@ -57,7 +56,7 @@ def test_client_keys_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPat
         calls.append((len(a), len(b)))
         return real(a, b)
 
-    monkeypatch.setattr(gateway.hmac, "compare_digest", spy)
+    monkeypatch.setattr(clients.hmac, "compare_digest", spy)
     cases: list[tuple[dict[str, str], bool]] = [
         ({"api-key": "first-key"}, True), ({"Authorization": "Bearer k3"}, True),
         ({"api-key": keys[1].decode()}, True), ({"api-key": "first-kez"}, False),
@@ -67,14 +66,14 @@ def test_client_keys_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPat
         calls.clear()
         request = make_mocked_request("POST", "/v1/chat/completions", headers=headers)
         try:
-            gateway.authorize(request, rt)
+            clients.authorize(request, rt)
             ok = True
         except ClientError as exc:
             assert exc.status == 401
             ok = False
         assert ok is allowed, headers
         assert calls == [(32, 32)] * len(keys), (headers, calls)
-    assert hashlib.sha256(b"k3").digest() in gateway._digests(keys)
+    assert hashlib.sha256(b"k3").digest() in clients.digests(keys)
 
 
 async def test_non_utf8_key_is_a_wrong_key_not_a_500(stack: StackFactory) -> None:

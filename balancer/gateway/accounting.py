@@ -1,0 +1,92 @@
+"""After an attempt: settle the reservation with the usage the region reports, learn
+from its rate-limit headers, and keep its circuit (failures and successes)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from balancer import policy, upstream
+from balancer.capacity.base import Grant
+from balancer.gateway.call import Call
+from balancer.usage import Usage
+
+log = logging.getLogger("balancer")
+
+
+async def settle(call: Call, grant: Grant, usage: Usage, elapsed: float) -> None:
+    """Reconcile the reservation with real usage. In `quota` mode, charge what Azure's
+    quota counter charges: the real prompt plus the completion budget it reserved; in
+    `usage` mode, the tokens really used. With latency weighting on, the same call
+    carries this replica's pooled seconds per output token when one is due
+    (balancer.latency), so an exact estimate still costs no store call."""
+    prompt, completion = usage
+    if call.gw.settle == "usage":
+        charged = prompt + completion
+    else:
+        charged = prompt + max(call.estimate.completion, completion)
+    latency = None
+    if call.config.latency_weighting.enabled and completion > 0:
+        latency = call.rt.latency.add(grant.model, grant.region, elapsed, completion,
+                                      riding=charged != grant.tokens)
+    if charged != grant.tokens or latency is not None:  # else settling is a no-op
+        await call.rt.store.settle(grant, charged, latency)
+    call.record.prompt_tokens, call.record.completion_tokens = usage
+    m = call.rt.metrics
+    call.rt.child(m.tokens, grant.model, grant.region, "prompt").inc(prompt)
+    call.rt.child(m.tokens, grant.model, grant.region, "completion").inc(completion)
+
+
+async def throttled(call: Call, grant: Grant, headers: Mapping[str, str]) -> float:
+    """The region said 429: refund, cool it down for as long as it asks, and learn what
+    the 429 implies of its real refill. Returns the cooldown in seconds."""
+    throttle = upstream.throttle(headers, call.gw.default_cooldown_seconds)
+    call.rt.metrics.upstream_throttled.labels(grant.model, grant.region).inc()
+    await call.rt.store.settle(grant, 0)
+    await call.rt.store.cooldown(grant.model, grant.limits, throttle.seconds,
+                                 share=implied_share(call, grant, throttle, headers))
+    return throttle.seconds
+
+
+def implied_share(call: Call, grant: Grant, throttle: upstream.Throttle,
+                  headers: Mapping[str, str]) -> float | None:
+    """What this 429 says of the region's real refill (policy.implied_share); nothing
+    with learning off."""
+    if not call.config.learned_capacity.enabled:
+        return None
+    return policy.implied_share(grant.limits, grant.tokens, throttle.seconds,
+                                throttle.precision, upstream.remaining_tokens(headers),
+                                upstream.remaining_requests(headers))
+
+
+async def learn_remaining(call: Call, grant: Grant, headers: Mapping[str, str]) -> None:
+    """A region reporting fewer remaining tokens than our bucket held right after the
+    reservation is serving someone we cannot see: bring the bucket down to its word.
+    Missing or -1 headers say nothing. Costs a store call only on such a discrepancy."""
+    learn = call.config.learned_capacity
+    if not learn.enabled:
+        return
+    remaining = upstream.remaining_tokens(headers)
+    if remaining is None:
+        return
+    # The slack covers requests reserved here but admitted there in another order.
+    slack = learn.evidence_margin * grant.limits.tokens_capacity + grant.tokens
+    if remaining < grant.level - slack:
+        await call.rt.store.observe(grant.model, grant.limits, float(remaining))
+
+
+async def region_failed(call: Call, grant: Grant, reason: str, *, refund: bool) -> None:
+    gw, store = call.gw, call.rt.store
+    call.rt.metrics.upstream_errors.labels(grant.model, grant.region, reason).inc()
+    if refund:
+        await store.settle(grant, 0)
+    opened = await store.record_failure(grant.model, grant.limits, gw.circuit_failures,
+                                        gw.circuit_open_seconds)
+    if opened:
+        log.warning("circuit open for %s/%s for %.0f s after %s", grant.model, grant.region,
+                    gw.circuit_open_seconds, reason)
+
+
+async def region_ok(call: Call, grant: Grant) -> None:
+    if grant.failures:  # only then is there a failure count to clear
+        await call.rt.store.record_success(grant.model, grant.limits)

@@ -1,0 +1,104 @@
+"""App wiring: routes from the operation table, and one cleanup context per resource
+(upstream session, capacity store, access-log writer, event-loop lag probe)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+import balancer.gateway.admin as admin
+from balancer import upstream
+from balancer.capacity.base import CapacityStore
+from balancer.capacity.factory import create_store
+from balancer.config import Config
+from balancer.gateway.clients import client_keys
+from balancer.gateway.middleware import add_request_id, openai_errors
+from balancer.gateway.proxy import azure_route, openai_route
+from balancer.gateway.runtime import RUNTIME, Runtime
+from balancer.metrics import Metrics
+from balancer.operations import OPERATIONS
+
+
+def open_store(config: Config, metrics: Metrics) -> CapacityStore:
+    return create_store(
+        config.store,
+        on_round_trip=lambda op: metrics.store_round_trips.labels(op).inc(),
+        on_degraded=lambda flag: metrics.store_degraded.set(1 if flag else 0),
+    )
+
+
+def create_app(config: Config, *, store: CapacityStore | None = None,
+               api_keys: tuple[bytes, ...] | None = None) -> web.Application:
+    metrics = Metrics()
+    keys, classes = client_keys() if api_keys is None else (api_keys, ())
+    rt = Runtime(config=config, store=store or open_store(config, metrics), metrics=metrics,
+                 api_keys=keys, key_classes=classes)
+    app = web.Application(middlewares=[openai_errors])
+    app[RUNTIME] = rt
+    app[admin.METRICS_RENDER] = make_aiohttp_handler(metrics.registry)
+    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_store_lifecycle)
+    app.cleanup_ctx.append(_loop_lag_probe)
+    app.cleanup_ctx.append(_access_log_writer)
+    app.on_response_prepare.append(add_request_id)
+    for op in OPERATIONS.values():
+        app.router.add_post(op.openai_path, openai_route(op))
+    names = "|".join(OPERATIONS)
+    app.router.add_post(f"/openai/deployments/{{model}}/{{operation:{names}}}", azure_route)
+    app.router.add_get("/v1/models", admin.list_models)
+    app.router.add_get("/healthz", admin.healthz)
+    app.router.add_get("/readyz", admin.readyz)
+    app.router.add_get("/regions", admin.regions)
+    app.router.add_get("/metrics", admin.metrics)
+    return app
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    rt = app[RUNTIME]
+    rt.session = upstream.new_session(rt.config.gateway.connect_timeout_seconds)
+    yield
+    await rt.session.close()
+
+
+async def _store_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    store = app[RUNTIME].store
+    await store.start()
+    yield
+    await store.close()
+
+
+async def _access_log_writer(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(app[RUNTIME].access.run(), name="balancer-access-log")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _loop_lag_probe(app: web.Application) -> AsyncIterator[None]:
+    """`balancer_event_loop_lag_seconds`: how late a 0.1 s timer fired, worst over each
+    second. Anything that blocks the loop (CPU-bound work, a blocking call) delays every
+    request by as much, and shows here first."""
+    gauge = app[RUNTIME].metrics.event_loop_lag
+
+    async def probe() -> None:  # perf_counter: uvloop's loop.time() counts whole ms
+        worst, window_end = 0.0, time.perf_counter() + 1.0
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(0.1)
+            now = time.perf_counter()
+            worst = max(worst, now - before - 0.1)
+            if now >= window_end:
+                gauge.set(worst)
+                worst, window_end = 0.0, now + 1.0
+
+    task = asyncio.create_task(probe(), name="balancer-loop-lag")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

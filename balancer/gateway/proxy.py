@@ -1,0 +1,105 @@
+"""The request path, top to bottom; each step is a room of its own.
+
+    client -> auth -> parse & validate -> estimate cost -> SELECT+RESERVE (store)
+           <- relay response <- forward to region <-----------------'
+                                 '-> 429/5xx/timeout: cool down or count a failure,
+                                     refund, exclude the region, select again
+           after the response: SETTLE (reserved vs actual usage) + metrics
+
+Retries happen only before the first byte reaches the client. What differs between
+API operations (chat, completions, embeddings...) comes from `balancer.operations`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from balancer import errors, validate
+from balancer.capacity.base import Wait
+from balancer.errors import ClientError
+from balancer.gateway.admission import admit, priority_of
+from balancer.gateway.attempt import forward
+from balancer.gateway.call import Call, Failure
+from balancer.gateway.clients import authorize, read_body
+from balancer.gateway.runtime import RECORD, RUNTIME
+from balancer.operations import OPERATIONS, Operation
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# [0-9], not \d: \d also matches non-ASCII digits (fullwidth, Arabic-Indic...).
+API_VERSION = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}(-preview)?")
+
+
+def openai_route(op: Operation) -> Handler:
+    """`POST /v1/{operation}`: the model group is the body's `model`."""
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await proxy(request, op, None)
+    return handle
+
+
+async def azure_route(request: web.Request) -> web.StreamResponse:
+    """`POST /openai/deployments/{model}/{operation}?api-version=`: the model group is
+    the path's deployment name."""
+    api_version = request.query.get("api-version")
+    if not api_version:
+        raise ClientError(400, "Missing the api-version query parameter.", "missing_api_version",
+                          param="api-version")
+    if not API_VERSION.fullmatch(api_version):
+        raise ClientError(400, "Unsupported api-version: use the form YYYY-MM-DD[-preview].",
+                          "invalid_api_version", param="api-version")
+    op = OPERATIONS[request.match_info["operation"]]
+    return await proxy(request, op, request.match_info["model"])
+
+
+async def proxy(request: web.Request, op: Operation, path_model: str | None
+                ) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    record = request[RECORD]
+    key_class = authorize(request, rt)
+    raw = await read_body(request, rt.config.gateway.max_body_bytes,
+                          rt.config.gateway.body_timeout_seconds)
+    req = validate.parse(op, raw, path_model)
+    config, routes = rt.config, rt.routes  # this request keeps them, whatever a reload does
+    route = routes.get(req.model)
+    if route is None:
+        raise ClientError(404, f"The model '{req.model[:256]}' does not exist or you do not "
+                          "have access to it.", "model_not_found", param="model",
+                          reason="not_found")
+    # Only a configured model names a metric series or an access-log line: a client
+    # sending made-up names must not grow /metrics (or the logs) without bound.
+    record.model = req.model
+    estimate = op.estimate(req.body, route.default_max_tokens)
+    call = Call(rt, request, req, estimate, config, record,
+                priority=priority_of(request, config, key_class))
+
+    gw = call.gw
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + gw.deadline_seconds
+    avoid: set[str] = set()  # regions that failed this request (a 429 cools down instead)
+    failure: Failure | None = None
+    for attempt in range(1, gw.max_attempts + 1):
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            break
+        grant = await admit(call, route, avoid)  # may wait in the admission queue
+        if isinstance(grant, Wait):
+            if failure is None:
+                rt.metrics.rejections.labels("no_capacity").inc()
+                return errors.no_capacity(req.model, grant.retry_after)
+            break
+        if failure is not None:
+            rt.metrics.retries.labels(req.model, failure.reason).inc()
+        record.attempts, record.region = attempt, grant.region
+        rt.child(rt.metrics.selections, req.model, grant.region).inc()
+        outcome = await forward(call, grant, route.targets[grant.region], remaining)
+        if isinstance(outcome, web.StreamResponse):
+            return outcome
+        failure = outcome
+        if failure.reason != "throttled":
+            avoid.add(grant.region)
+    if failure is None:  # the deadline passed before any attempt
+        return errors.no_capacity(req.model, gw.default_cooldown_seconds)
+    return failure.response()

@@ -1,0 +1,97 @@
+"""Relaying a region's answer to the client: a whole body, or a stream event by event.
+
+A stream is relayed without buffering. Until its first chunk arrives nothing has
+reached the client, so a region that fails before it can still be retried elsewhere;
+after it, a broken stream ends with an error event the SDKs raise on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from balancer.capacity.base import Grant
+from balancer.gateway.accounting import learn_remaining, region_failed, region_ok, settle
+from balancer.gateway.call import Call, Failure
+from balancer.sse import error_event
+from balancer.upstream import TRANSPORT_ERRORS
+
+log = logging.getLogger("balancer")
+CLIENT_GONE = (ConnectionError, aiohttp.ClientConnectionResetError)
+
+
+def relay_body(status: int, body: bytes, up: aiohttp.ClientResponse, region: str
+               ) -> web.Response:
+    return web.Response(status=status, body=body, headers={
+        "Content-Type": up.headers.get("Content-Type", "application/json"),
+        "x-balancer-region": region})
+
+
+async def relay_stream(call: Call, grant: Grant, up: aiohttp.ClientResponse, sent: float
+                       ) -> web.StreamResponse | Failure:
+    """Relay SSE chunk by chunk, settling from the usage the stream carries."""
+    region, req = grant.region, call.req
+    assert req.op.stream is not None
+    tap = req.op.stream.tap(not req.include_usage)
+    try:
+        first = await up.content.readany()
+    except TRANSPORT_ERRORS:
+        first = b""
+    if not first:
+        await region_failed(call, grant, "bad_response", refund=False)
+        return Failure("bad_response", region, 502, b"")
+    call.rt.metrics.time_to_first_token.labels(req.model, region).observe(
+        time.perf_counter() - sent)
+
+    response = web.StreamResponse(status=200, headers={
+        "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+        "x-balancer-region": region})
+    await response.prepare(call.request)
+    broken: str | None = None
+    client_gone = False
+    chunks = _chunks(up, first)
+    while True:
+        try:
+            chunk = await anext(chunks, None)
+        except TRANSPORT_ERRORS as exc:
+            broken = "timeout" if isinstance(exc, TimeoutError) else "stream_broken"
+            break
+        out = tap.feed(chunk) if chunk is not None else tap.flush()
+        if out:
+            try:
+                await response.write(out)
+            except CLIENT_GONE:
+                client_gone = True
+                break
+        if chunk is None:
+            break
+    if not broken and not client_gone and not tap.done:
+        broken = "stream_broken"  # the region closed without its final event
+    if broken:
+        log.warning("stream from %s broke after the first byte: %s", region, broken)
+        await region_failed(call, grant, broken, refund=False)
+        if not client_gone:
+            try:
+                await response.write(error_event(
+                    "The upstream region broke the stream; the answer is incomplete.", broken))
+            except CLIENT_GONE:
+                client_gone = True
+    if tap.usage is not None:
+        await learn_remaining(call, grant, up.headers)
+        await settle(call, grant, tap.usage, time.perf_counter() - sent)
+    if not broken:
+        await region_ok(call, grant)
+    if not client_gone:
+        await response.write_eof()
+    call.rt.child(call.rt.metrics.requests, req.model, region, "200").inc()
+    return response
+
+
+async def _chunks(up: aiohttp.ClientResponse, first: bytes) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in up.content.iter_any():
+        yield chunk

@@ -1,0 +1,127 @@
+"""What every request needs, kept on the app: the config in force, its routing table,
+the store, metrics, the upstream session, and the per-request access-log record."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from balancer.capacity.base import CapacityStore
+from balancer.config import Config, Target
+from balancer.latency import LatencyPools
+from balancer.logs import AccessLog
+from balancer.metrics import Metrics
+from balancer.policy import Limits
+
+access_log = logging.getLogger("balancer.access")
+
+# Request ids and queue tickets: 32 hex digits, unique per process by a counter and across
+# processes by a random prefix, without uuid4's os.urandom system call per request.
+_ID_PREFIX = secrets.token_hex(8)
+_ID_COUNTER = itertools.count()
+
+
+def new_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    """Where one model can go: its targets and their store limits, index-aligned."""
+
+    targets: Mapping[str, Target]
+    limits: tuple[Limits, ...]
+    default_max_tokens: int
+
+
+def limits_for(target: Target, config: Config) -> Limits:
+    gw, learn, lat = config.gateway, config.learned_capacity, config.latency_weighting
+    dep = target.deployment
+    per_second_tpm, per_second_rpm = dep.tpm / 60.0, dep.rpm / 60.0
+    return Limits(
+        region=target.region.name,
+        tokens_capacity=per_second_tpm * gw.burst_seconds,
+        tokens_rate=per_second_tpm * gw.time_scale,
+        requests_capacity=max(1.0, per_second_rpm * gw.rpm_burst_seconds),
+        requests_rate=per_second_rpm * gw.time_scale,
+        weight=dep.weight,
+        priority=target.region.priority,
+        min_factor=learn.min_factor if learn.enabled else 1.0,
+        recovery_rate=learn.recovery_per_minute / 60.0 * gw.time_scale if learn.enabled else 0.0,
+        latency_weight=lat.strength if lat.enabled else 0.0,
+    )
+
+
+def build_routes(config: Config) -> dict[str, ModelRoute]:
+    routes = {}
+    for model, targets in config.models.items():
+        routes[model] = ModelRoute(
+            targets={t.region.name: t for t in targets},
+            limits=tuple(limits_for(t, config) for t in targets),
+            default_max_tokens=max(t.deployment.default_max_tokens for t in targets),
+        )
+    return routes
+
+
+@dataclass
+class Runtime:
+    """Everything a request needs. `config` and `routes` are replaced together on
+    reload; a request reads them once, so reloads never change a request midway."""
+
+    config: Config
+    store: CapacityStore
+    metrics: Metrics
+    api_keys: tuple[bytes, ...] = ()
+    key_classes: tuple[str | None, ...] = ()  # aligned with api_keys
+    session: aiohttp.ClientSession | None = None
+    routes: dict[str, ModelRoute] = field(default_factory=dict)
+    draining: bool = False
+    in_flight: int = 0
+    children: dict[tuple[int, tuple[str, ...]], Any] = field(default_factory=dict)
+    latency: LatencyPools = field(default_factory=LatencyPools)
+    access: AccessLog = field(default_factory=lambda: AccessLog(access_log))
+
+    def __post_init__(self) -> None:
+        self.routes = build_routes(self.config)
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, cached: prometheus_client's labels() converts,
+        validates and locks on every call, several per request. Counters and histograms
+        only: gauges' children are cleared on scrape. Labels are bounded (configured
+        models and regions, statuses), and so is the cache."""
+        key = (id(metric), labels)
+        found = self.children.get(key)
+        if found is None:
+            if len(self.children) > 10_000:
+                self.children.clear()
+            found = self.children[key] = metric.labels(*labels)
+        return found
+
+    def apply(self, config: Config) -> None:
+        """Switch to a new config (a reload): both fields at once, no await between."""
+        self.routes, self.config = build_routes(config), config
+
+
+RUNTIME = web.AppKey("runtime", Runtime)
+
+
+@dataclass
+class Record:
+    """One structured access-log line per request (no secrets, no bodies)."""
+
+    request_id: str
+    model: str | None = None
+    region: str | None = None
+    attempts: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+RECORD = web.RequestKey("record", Record)  # the request's access-log record
