@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +59,8 @@ def effective(limits: Limits, factor: float) -> Limits:
     """The limits as learned: token capacity and refill scaled by `factor`."""
     if factor >= 1.0:
         return limits
-    return Limits(limits.region, limits.tokens_capacity * factor, limits.tokens_rate * factor,
-                  limits.requests_capacity, limits.requests_rate, limits.weight,
-                  limits.priority, limits.min_factor, limits.recovery_rate,
-                  limits.latency_weight)
+    return replace(limits, tokens_capacity=limits.tokens_capacity * factor,
+                   tokens_rate=limits.tokens_rate * factor)
 
 
 def calm_seconds(limits: Limits) -> float:

@@ -12,7 +12,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from balancer.policy import Limits
+from balancer.policy import Level, Limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,17 +72,27 @@ class RegionState:
 
 
 class CapacityStore(Protocol):
-    name: str  # "memory", "redis", ...
+    """Every backend offers all of this; callers never probe for optional parts."""
 
-    async def acquire(
-        self,
-        model: str,
-        candidates: Sequence[Limits],
-        cost: int,
-        r: float,
-        exclude: Collection[str] = (),
-        queue: Queueing | None = None,
-    ) -> Grant | Wait:
+    name: str  # "memory", "redis", "redis-cluster"
+
+    @property
+    def degraded(self) -> bool:
+        """Serving from local buckets because the shared store does not answer."""
+        ...
+
+    @property
+    def replicas(self) -> int:
+        """Gateway replicas sharing the store (1 when there is nothing to share)."""
+        ...
+
+    async def start(self) -> None:
+        """Connect and start background work, once the event loop runs."""
+        ...
+
+    async def acquire(self, model: str, candidates: Sequence[Limits], cost: int, r: float,
+                      exclude: Collection[str] = (), queue: Queueing | None = None
+                      ) -> Grant | Wait:
         """Refill, pick a region (policy.pick with random number r) and reserve `cost`
         tokens and one request there, all atomically. With `queue`, a request never
         overtakes waiters queued ahead of it, and takes (or keeps) a place in the queue
@@ -124,6 +134,31 @@ class CapacityStore(Protocol):
         """Close the circuit: the consecutive-failure count goes back to zero."""
         ...
 
-    async def snapshot(self, model: str, candidates: Sequence[Limits]) -> list[RegionState]: ...
+    async def snapshot(self, model: str, candidates: Sequence[Limits]) -> list[RegionState]:
+        """Every candidate's state refilled to now, without changing it."""
+        ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Stop background work and release connections."""
+        ...
+
+
+def state_of(limits: Limits, level: Level, failures: int, tripped: bool, factor: float = 1.0
+             ) -> RegionState:
+    """A region's state for /regions and the gauges, from its effective limits and level."""
+    if not tripped:
+        circuit = "closed"
+    else:
+        circuit = "open" if level.cooldown > 0 else "half_open"
+    return RegionState(
+        region=limits.region,
+        tokens=level.tokens,
+        tokens_capacity=limits.tokens_capacity,
+        requests=level.requests,
+        requests_capacity=limits.requests_capacity,
+        cooldown_seconds=level.cooldown,
+        circuit=circuit,
+        failures=failures,
+        factor=factor,
+        latency=level.latency,
+    )

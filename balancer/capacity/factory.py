@@ -1,4 +1,4 @@
-"""Pick the capacity store named by `StoreConfig.url`."""
+"""Pick the capacity store named by `StoreConfig.url` (schemes: `config.STORE_SCHEMES`)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ from urllib.parse import urlsplit
 
 from balancer.capacity.base import CapacityStore
 from balancer.capacity.memory import MemoryStore
-from balancer.config import StoreConfig
-
-REDIS_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster")
+from balancer.config import STORE_SCHEMES, StoreConfig
 
 
 def create_store(
@@ -22,10 +20,10 @@ def create_store(
     `redis+cluster://`, `rediss+cluster://` (or `cluster: true`) -> Redis Cluster, both
     wrapped in a ResilientStore (call its `start()` once the event loop runs)."""
     scheme = urlsplit(config.url).scheme
+    if scheme not in STORE_SCHEMES:
+        raise ValueError(f"unsupported store URL scheme {scheme!r}")
     if scheme == "memory":
         return MemoryStore()
-    if scheme not in REDIS_SCHEMES:
-        raise ValueError(f"unsupported store URL scheme {scheme!r}")
     # Imported here so the memory store does not need redis-py loaded.
     from balancer.capacity.redis import RedisStore
     from balancer.capacity.resilient import ResilientStore

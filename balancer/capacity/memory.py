@@ -11,7 +11,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from balancer import policy
-from balancer.capacity.base import Grant, Queueing, RegionState, Wait
+from balancer.capacity.base import Grant, Queueing, RegionState, Wait, state_of
 from balancer.policy import Level, Limits
 
 
@@ -37,6 +37,8 @@ class _Ticket:
 
 class MemoryStore:
     name = "memory"
+    degraded = False  # nothing shared to lose
+    replicas = 1  # one replica's view
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
@@ -63,15 +65,9 @@ class MemoryStore:
     def _level(self, b: _Bucket, now: float) -> Level:
         return Level(b.tokens, b.requests, max(0.0, b.cooldown_until - now), b.latency)
 
-    async def acquire(
-        self,
-        model: str,
-        candidates: Sequence[Limits],
-        cost: int,
-        r: float,
-        exclude: Collection[str] = (),
-        queue: Queueing | None = None,
-    ) -> Grant | Wait:
+    async def acquire(self, model: str, candidates: Sequence[Limits], cost: int, r: float,
+                      exclude: Collection[str] = (), queue: Queueing | None = None
+                      ) -> Grant | Wait:
         now = self._clock()
         usable = [c for c in candidates if c.region not in exclude]
         loaded = [self._bucket(model, c, now) for c in usable]
@@ -167,26 +163,10 @@ class MemoryStore:
             out.append(state_of(eff, self._level(b, now), b.failures, b.tripped, b.factor))
         return out
 
+    async def start(self) -> None:
+        pass  # nothing to connect
+
     async def close(self) -> None:
         self._buckets.clear()
         self._queues.clear()
 
-
-def state_of(limits: Limits, level: Level, failures: int, tripped: bool, factor: float = 1.0
-             ) -> RegionState:
-    if not tripped:
-        circuit = "closed"
-    else:
-        circuit = "open" if level.cooldown > 0 else "half_open"
-    return RegionState(
-        region=limits.region,
-        tokens=level.tokens,
-        tokens_capacity=limits.tokens_capacity,
-        requests=level.requests,
-        requests_capacity=limits.requests_capacity,
-        cooldown_seconds=level.cooldown,
-        circuit=circuit,
-        failures=failures,
-        factor=factor,
-        latency=level.latency,
-    )

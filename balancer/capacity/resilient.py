@@ -17,11 +17,13 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import replace
 from functools import lru_cache
+from typing import TypeVar
 
 from redis.exceptions import RedisClusterException, RedisError
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_fixed
 
 from balancer.capacity.base import Grant, Queueing, RegionState, Wait
 from balancer.capacity.memory import MemoryStore
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 # Everything a sick Redis (or the network to it) can raise. OSError covers socket
 # errors that escape redis-py; TimeoutError is also what asyncio.timeout raises.
 FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
+T = TypeVar("T")
 STARTUP_SECONDS = 1.0  # bound on connecting to the store when a replica starts
 
 
@@ -83,6 +86,7 @@ class ResilientStore:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._joined = False  # a heartbeat registered this replica
+        self._wake = asyncio.Event()  # set on degrading: start probing now
 
     @property
     def degraded(self) -> bool:
@@ -147,6 +151,7 @@ class ResilientStore:
             self._replicas,
         )
         self._notify(True)
+        self._wake.set()
         self._ensure_task()
 
     def _recover(self) -> None:
@@ -161,60 +166,81 @@ class ResilientStore:
             except Exception:  # a metrics hook must not break admission
                 log.exception("on_degraded callback failed")
 
-    async def _beat(self, *, quiet: bool = False) -> bool:
-        """Send a heartbeat; on failure degrade (unless `quiet`: already degraded)."""
-        try:
-            async with asyncio.timeout(self._deadline):
-                count = await self.shared.heartbeat(self.replica_id, self._replica_ttl)
-        except FAILURES as exc:
-            if not quiet:
-                self._degrade("heartbeat", exc)
-            return False
+    async def _heartbeat(self) -> None:
+        """Record this replica as live and learn how many are; raises if the store
+        does not answer within the deadline."""
+        async with asyncio.timeout(self._deadline):
+            count = await self.shared.heartbeat(self.replica_id, self._replica_ttl)
         self._replicas = max(1, count)
         self._joined = True
-        return True
+
+    async def _beat(self) -> None:
+        """A heartbeat in shared mode: a failure degrades."""
+        try:
+            await self._heartbeat()
+        except FAILURES as exc:
+            self._degrade("heartbeat", exc)
+
+    async def _reconnect(self) -> None:
+        """While degraded: a heartbeat every `probe_interval` until one answers. The
+        probe is a heartbeat, not a bare PING: it also proves the scripts run, and
+        brings back the current replica count."""
+        probes = AsyncRetrying(wait=wait_fixed(self._probe_interval),
+                               retry=retry_if_exception_type(FAILURES), reraise=True)
+        await asyncio.sleep(self._probe_interval)  # it has only just failed
+        async for attempt in probes:
+            with attempt:
+                await self._heartbeat()
 
     async def _background(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_beat = loop.time() + self._heartbeat_interval
+        """Heartbeats in shared mode; the reconnect probe while degraded (a failing
+        request wakes it at once, through `_wake`)."""
         while True:
-            await asyncio.sleep(self._probe_interval)
             try:
                 if self._degraded:
-                    # The probe is a heartbeat, not a bare PING: it also proves the
-                    # scripts run, and brings back the current replica count.
-                    if await self._beat(quiet=True):
-                        self._recover()
-                        next_beat = loop.time() + self._heartbeat_interval
-                elif loop.time() >= next_beat:
+                    await self._reconnect()
+                    self._recover()
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._heartbeat_interval):
+                        await self._wake.wait()
+                self._wake.clear()
+                if not self._degraded:
                     await self._beat()
-                    next_beat = loop.time() + self._heartbeat_interval
             except Exception:  # never let the probe die: it is the way back
                 log.exception("capacity store probe failed unexpectedly")
+                await asyncio.sleep(self._probe_interval)
 
     # -- the store protocol --------------------------------------------------------
 
-    def _share(self, limits: Limits) -> Limits:
-        return share(limits, self._replicas)
-
-    async def acquire(
-        self,
-        model: str,
-        candidates: Sequence[Limits],
-        cost: int,
-        r: float,
-        exclude: Collection[str] = (),
-        queue: Queueing | None = None,
-    ) -> Grant | Wait:
+    async def _either(self, op: str, shared: Callable[[], Awaitable[T]],
+                      local: Callable[[], Awaitable[T]]) -> T:
+        """The one fall-back: the shared store while it answers within the deadline;
+        on the first failure degrade, and from then on the local buckets."""
         if self._task is None:
             self._ensure_task()
         if not self._degraded:
             try:
                 async with asyncio.timeout(self._deadline):
-                    return await self.shared.acquire(model, candidates, cost, r, exclude,
-                                                     queue)
+                    return await shared()
             except FAILURES as exc:
-                self._degrade("acquire", exc)
+                self._degrade(op, exc)
+        return await local()
+
+    def _share(self, limits: Limits) -> Limits:
+        return share(limits, self._replicas)
+
+    async def acquire(self, model: str, candidates: Sequence[Limits], cost: int, r: float,
+                      exclude: Collection[str] = (), queue: Queueing | None = None
+                      ) -> Grant | Wait:
+        return await self._either(
+            "acquire",
+            lambda: self.shared.acquire(model, candidates, cost, r, exclude, queue),
+            lambda: self._acquire_locally(model, candidates, cost, r, exclude, queue))
+
+    async def _acquire_locally(self, model: str, candidates: Sequence[Limits], cost: int,
+                               r: float, exclude: Collection[str], queue: Queueing | None
+                               ) -> Grant | Wait:
         shares = [self._share(c) for c in candidates]
         # Degraded, this replica queues its own waiters only: the others cannot be seen.
         result = await self.local.acquire(model, shares, cost, r, exclude, queue)
@@ -226,68 +252,47 @@ class ResilientStore:
 
     async def settle(self, grant: Grant, actual_tokens: int, latency: float | None = None
                      ) -> None:
-        if grant.source == "shared" and not self._degraded:
-            try:
-                async with asyncio.timeout(self._deadline):
-                    return await self.shared.settle(grant, actual_tokens, latency)
-            except FAILURES as exc:
-                self._degrade("settle", exc)
-        await self.local.settle(replace(grant, limits=self._share(grant.limits)), actual_tokens,
-                                latency)
+        local = lambda: self.local.settle(  # noqa: E731
+            replace(grant, limits=self._share(grant.limits)), actual_tokens, latency)
+        if grant.source != "shared":  # issued by the local buckets: settled there
+            return await local()
+        await self._either("settle", lambda: self.shared.settle(grant, actual_tokens, latency),
+                           local)
 
     async def dequeue(self, model: str, ticket: str) -> None:
         await self.local.dequeue(model, ticket)
-        if not self._degraded:
-            try:
-                async with asyncio.timeout(self._deadline):
-                    await self.shared.dequeue(model, ticket)
-            except FAILURES as exc:
-                self._degrade("dequeue", exc)
+        await self._either("dequeue", lambda: self.shared.dequeue(model, ticket), _nothing)
 
     async def observe(self, model: str, limits: Limits, remaining: float) -> None:
-        if not self._degraded:
-            try:
-                async with asyncio.timeout(self._deadline):
-                    return await self.shared.observe(model, limits, remaining)
-            except FAILURES as exc:
-                self._degrade("observe", exc)
-        await self.local.observe(model, self._share(limits), remaining)
+        await self._either(
+            "observe", lambda: self.shared.observe(model, limits, remaining),
+            lambda: self.local.observe(model, self._share(limits), remaining))
 
     async def cooldown(self, model: str, limits: Limits, seconds: float, *,
                        share: float | None = None) -> None:
-        if not self._degraded:
-            try:
-                async with asyncio.timeout(self._deadline):
-                    return await self.shared.cooldown(model, limits, seconds, share=share)
-            except FAILURES as exc:
-                self._degrade("cooldown", exc)
-        await self.local.cooldown(model, self._share(limits), seconds, share=share)
+        await self._either(
+            "cooldown", lambda: self.shared.cooldown(model, limits, seconds, share=share),
+            lambda: self.local.cooldown(model, self._share(limits), seconds, share=share))
 
     async def record_failure(
         self, model: str, limits: Limits, threshold: int, open_seconds: float
     ) -> bool:
-        if not self._degraded:
-            try:
-                async with asyncio.timeout(self._deadline):
-                    return await self.shared.record_failure(model, limits, threshold, open_seconds)
-            except FAILURES as exc:
-                self._degrade("record_failure", exc)
-        return await self.local.record_failure(model, self._share(limits), threshold, open_seconds)
+        return await self._either(
+            "record_failure",
+            lambda: self.shared.record_failure(model, limits, threshold, open_seconds),
+            lambda: self.local.record_failure(model, self._share(limits), threshold,
+                                              open_seconds))
 
     async def record_success(self, model: str, limits: Limits) -> None:
-        if not self._degraded:
-            try:
-                async with asyncio.timeout(self._deadline):
-                    return await self.shared.record_success(model, limits)
-            except FAILURES as exc:
-                self._degrade("record_success", exc)
-        await self.local.record_success(model, self._share(limits))
+        await self._either(
+            "record_success", lambda: self.shared.record_success(model, limits),
+            lambda: self.local.record_success(model, self._share(limits)))
 
     async def snapshot(self, model: str, candidates: Sequence[Limits]) -> list[RegionState]:
-        if not self._degraded:
-            try:
-                async with asyncio.timeout(self._deadline):
-                    return await self.shared.snapshot(model, candidates)
-            except FAILURES as exc:
-                self._degrade("snapshot", exc)
-        return await self.local.snapshot(model, [self._share(c) for c in candidates])
+        return await self._either(
+            "snapshot", lambda: self.shared.snapshot(model, candidates),
+            lambda: self.local.snapshot(model, [self._share(c) for c in candidates]))
+
+
+async def _nothing() -> None:
+    return None

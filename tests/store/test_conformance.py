@@ -399,14 +399,14 @@ async def test_heartbeats_count_live_replicas(make_redis_store: Backends) -> Non
     assert await store.heartbeat("one", 0.3) == 1
     assert await store.heartbeat("two", 0.3) == 2
     assert await store.heartbeat("two", 0.3) == 2
-    assert await store.replicas() == 2
+    assert await store.count_replicas() == 2
     await asyncio.sleep(0.2)
     assert await store.heartbeat("two", 0.3) == 2
     await asyncio.sleep(0.2)  # "one" is now 0.4 s old
-    assert await store.replicas() == 1
+    assert await store.count_replicas() == 1
     assert await store.heartbeat("three", 0.3) == 2
     await store.leave("two")
-    assert await store.replicas() == 1
+    assert await store.count_replicas() == 1
     assert 0 < await store.client.ttl(store.replicas_key)
 
 

@@ -91,7 +91,7 @@ async def test_shared_mode_counts_replicas(
     assert grant.source == "shared"
     assert recorder.round_trips.count("acquire") == 1
     await other.close()  # leaves the set at once
-    assert await store.shared.replicas() == 1
+    assert await store.shared.count_replicas() == 1
     assert recorder.degraded == []
 
 

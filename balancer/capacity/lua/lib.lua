@@ -51,11 +51,11 @@ local LATENCY_SMOOTHING = 0.2
 
 local function effective(lim, factor)
   if factor >= 1.0 then return lim end
-  return { tokens_capacity = lim.tokens_capacity * factor,
-    tokens_rate = lim.tokens_rate * factor,
-    requests_capacity = lim.requests_capacity, requests_rate = lim.requests_rate,
-    weight = lim.weight, priority = lim.priority, min_factor = lim.min_factor,
-    recovery_rate = lim.recovery_rate, latency_weight = lim.latency_weight }
+  local eff = {}
+  for name, value in pairs(lim) do eff[name] = value end
+  eff.tokens_capacity = lim.tokens_capacity * factor
+  eff.tokens_rate = lim.tokens_rate * factor
+  return eff
 end
 
 local function recover(factor, elapsed, rate)
@@ -175,27 +175,18 @@ local function clock()
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 
--- Limits travel as one string per call, nine numbers per region (tokens_capacity,
--- tokens_rate, requests_capacity, requests_rate, weight, priority, min_factor,
--- recovery_rate, latency_weight) separated by spaces: one argument instead of nine
--- per region keeps the client's packing cheap.
+-- Limits travel as one string per call: per region `name=value` pairs (the fields of
+-- policy.Limits but `region`) separated by spaces, regions separated by ';'. One
+-- argument instead of one per field keeps the client's packing cheap; names rather
+-- than positions let a new field arrive without touching this parser.
 local function parse_limits(text)
-  local nums, out = {}, {}
-  for word in string.gmatch(text, '%S+') do
-    nums[#nums + 1] = tonumber(word)
-  end
-  for i = 1, #nums, 9 do
-    out[#out + 1] = {
-      tokens_capacity = nums[i],
-      tokens_rate = nums[i + 1],
-      requests_capacity = nums[i + 2],
-      requests_rate = nums[i + 3],
-      weight = nums[i + 4],
-      priority = nums[i + 5],
-      min_factor = nums[i + 6],
-      recovery_rate = nums[i + 7],
-      latency_weight = nums[i + 8],
-    }
+  local out = {}
+  for region in string.gmatch(text, '[^;]+') do
+    local lim = {}
+    for name, value in string.gmatch(region, '([%w_]+)=(%S+)') do
+      lim[name] = tonumber(value)
+    end
+    out[#out + 1] = lim
   end
   return out
 end
