@@ -16,12 +16,20 @@ one script can read and write all of them. One hash per region (rather than a ke
 per field) keeps a bucket's levels, stamp and circuit together: one HMGET reads it,
 one HSET + EXPIRE writes it, and the TTL covers all of it. Live replicas are a
 sorted set `{prefix}:{replicas}` scored by Redis time.
+
+Every command goes through redis-py's asyncio client, with hiredis parsing replies
+(`redis[hiredis]`), the same way on plain `redis://`, TLS `rediss://` and the cluster
+schemes: the scripts are redis-py `register_script` objects (EVALSHA, and on NOSCRIPT a
+SCRIPT LOAD then EVALSHA again). Each concurrent call holds one pooled connection;
+BENCHMARKS.md ("Redis client for the store") has what that costs per call beside the
+multiplexing clients measured, and why this one was kept.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import fields
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -33,15 +41,15 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from balancer import policy
-from balancer.capacity.base import Grant, Queueing, RegionState, Wait
-from balancer.capacity.memory import state_of
-from balancer.capacity.pipelined import PipelinedConnection, PipelinedScript
-from balancer.config import StoreConfig
+from balancer.capacity.base import Grant, Queueing, RegionState, Wait, state_of
+from balancer.capacity.batching import BatchedScript
+from balancer.config import STORE_SCHEMES, StoreConfig
 from balancer.policy import Level, Limits
 
 Client = Redis | RedisCluster
 
-CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+# `redis+cluster://` names the cluster client; the client itself takes the plain scheme.
+CLUSTER_SCHEMES = {s: s.removesuffix("+cluster") for s in STORE_SCHEMES if s.endswith("+cluster")}
 
 
 # Both keys share the model's hash tag, so one script keeps them consistent on a cluster.
@@ -61,14 +69,26 @@ def _num(x: float) -> str:
     return repr(float(x))
 
 
+# Limits travel to the scripts as `name=value` pairs, one region's separated from the
+# next by ';': a new Limits field reaches lua/lib.lua's `parse_limits` by its name.
+LIMIT_FIELDS = tuple(f.name for f in fields(Limits) if f.name != "region")
+
+
+def limits_text(limits: Limits) -> str:
+    return " ".join([f"{name}={_num(getattr(limits, name))}" for name in LIMIT_FIELDS])
+
+
 def connect(config: StoreConfig) -> Client:
-    """A client for `config.url` with short timeouts and no retries: a slow or absent
-    Redis must fail fast so the caller can degrade instead of queueing requests."""
+    """A client for `config.url` with a short connect timeout and no retries: a slow or
+    absent Redis must fail fast so the caller can degrade instead of queueing requests.
+    No socket (read/write) timeout: redis-py implements it with a task per send and a
+    timeout scope per read, the largest part of its CPU per call here; every call is
+    bounded by its caller's deadline instead (ResilientStore, BatchedScript), and a
+    call cancelled mid-read makes redis-py drop that connection."""
     parts = urlsplit(config.url)
     cluster = config.cluster or parts.scheme in CLUSTER_SCHEMES
     url = urlunsplit(parts._replace(scheme=CLUSTER_SCHEMES.get(parts.scheme, parts.scheme)))
     options: dict[str, Any] = {
-        "socket_timeout": config.timeout_seconds,
         "socket_connect_timeout": config.timeout_seconds,
         "retry": Retry(NoBackoff(), 0),
     }
@@ -104,16 +124,17 @@ class RedisStore:
         # keys' slot, so the same objects work on both clients.
         self._acquire = client.register_script(_script("acquire"))
         self._region = client.register_script(_script("region"))
+        if not isinstance(client, RedisCluster):
+            # The hot path (acquire, settle and the other one-region writes) is batched
+            # per event-loop turn into one pipeline (balancer.capacity.batching). redis-py
+            # refuses EVALSHA in a cluster pipeline, so the cluster sends each call alone.
+            self._acquire = BatchedScript(client, self._acquire, 2 * timeout_seconds)
+            self._region = BatchedScript(client, self._region, 2 * timeout_seconds)
         self._snapshot = client.register_script(_script("snapshot"))
         self._dequeue = client.register_script(DEQUEUE)
         self._heartbeat = client.register_script(_script("heartbeat", prelude=False))
-        # The hot path (acquire, settle and the other one-region writes) skips redis-py's
-        # per-command cost on one pipelined connection when the client allows it.
-        self._fast = PipelinedConnection.for_client(client, timeout_seconds)
-        if self._fast is not None:
-            self._acquire = PipelinedScript(self._fast, self._acquire)
-            self._region = PipelinedScript(self._fast, self._region)
-        self._replica_ttl = 10.0  # the ttl of the last heartbeat, for replicas()
+        self._replica_ttl = 10.0  # the ttl of the last heartbeat, for count_replicas()
+        self._replica_count = 1
         self._limit_args: dict[Limits, str] = {}
 
     @classmethod
@@ -136,41 +157,23 @@ class RedisStore:
         return f"{self.prefix}:{{replicas}}"
 
     def _limits(self, limits: Limits) -> str:
-        """The Lua side's `parse_limits` text for one region (cached: Limits are frozen)."""
+        """The Lua side's `parse_limits` text for one region, field by field (cached:
+        Limits are frozen)."""
         text = self._limit_args.get(limits)
         if text is None:
             if len(self._limit_args) > 4096:  # config reloads create new Limits
                 self._limit_args.clear()
-            text = " ".join(
-                (
-                    _num(limits.tokens_capacity),
-                    _num(limits.tokens_rate),
-                    _num(limits.requests_capacity),
-                    _num(limits.requests_rate),
-                    _num(limits.weight),
-                    str(int(limits.priority)),
-                    _num(limits.min_factor),
-                    _num(limits.recovery_rate),
-                    _num(limits.latency_weight),
-                )
-            )
-            self._limit_args[limits] = text
+            text = self._limit_args[limits] = limits_text(limits)
         return text
 
-    async def acquire(
-        self,
-        model: str,
-        candidates: Sequence[Limits],
-        cost: int,
-        r: float,
-        exclude: Collection[str] = (),
-        queue: Queueing | None = None,
-    ) -> Grant | Wait:
+    async def acquire(self, model: str, candidates: Sequence[Limits], cost: int, r: float,
+                      exclude: Collection[str] = (), queue: Queueing | None = None
+                      ) -> Grant | Wait:
         usable = [c for c in candidates if c.region not in exclude]
         if not usable:
             return Wait(math.inf)  # policy.retry_after of nothing, as MemoryStore
         keys = [self.key(model, c.region) for c in usable]
-        args = [_num(cost), _num(r), self._ttl, " ".join([self._limits(c) for c in usable])]
+        args = [_num(cost), _num(r), self._ttl, ";".join([self._limits(c) for c in usable])]
         if queue is not None:
             keys += self._queue_keys(model)
             args += [queue.ticket, _num(queue.boost), _num(queue.budget)]
@@ -232,7 +235,7 @@ class RedisStore:
         self._round_trip("snapshot")
         raw = await self._snapshot(
             keys=[self.key(model, c.region) for c in candidates],
-            args=[" ".join([self._limits(c) for c in candidates])],
+            args=[";".join([self._limits(c) for c in candidates])],
         )
         out = []
         for i, c in enumerate(candidates):
@@ -247,14 +250,16 @@ class RedisStore:
         `ttl_seconds` (this one included), by the Redis clock."""
         self._replica_ttl = ttl_seconds
         self._round_trip("heartbeat")
-        return int(
+        count = int(
             await self._heartbeat(
                 keys=[self.replicas_key],
                 args=[replica_id, _num(ttl_seconds), str(max(self.ttl, math.ceil(ttl_seconds)))],
             )
         )
+        self._replica_count = max(1, count)
+        return count
 
-    async def replicas(self) -> int:
+    async def count_replicas(self) -> int:
         """Live replicas within the ttl of the last heartbeat (10 s before any)."""
         self._round_trip("replicas")
         return int(
@@ -262,6 +267,16 @@ class RedisStore:
                 keys=[self.replicas_key], args=["", _num(self._replica_ttl), str(self.ttl)]
             )
         )
+
+    degraded = False  # ResilientStore adds the fall-back; alone, a failure raises
+
+    @property
+    def replicas(self) -> int:
+        """The count of the last heartbeat (1 before any)."""
+        return self._replica_count
+
+    async def start(self) -> None:
+        pass  # the client connects on first use
 
     async def leave(self, replica_id: str) -> None:
         """Forget this replica at shutdown, so the others' count drops at once."""
@@ -273,6 +288,4 @@ class RedisStore:
         return bool(await self.client.ping())
 
     async def close(self) -> None:
-        if self._fast is not None:
-            self._fast.close()
         await self.client.aclose()
