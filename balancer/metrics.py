@@ -8,7 +8,9 @@ no request ids, no client keys. Each app owns its registry, so tests stay isolat
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -19,36 +21,45 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
+        self.label_names: dict[str, tuple[str, ...]] = {}  # for the README table
+
+        def declare(kind: type[Any]) -> Callable[..., Any]:
+            def make(name: str, doc: str, labelnames: Sequence[str] = (), **kw: Any) -> Any:
+                self.label_names[name] = tuple(labelnames)
+                return kind(name, doc, labelnames, **kw)
+            return make
+
+        counter, gauge, histogram = declare(Counter), declare(Gauge), declare(Histogram)
         # Per-region gauges, set from the store's snapshot at each scrape.
-        region_gauge = partial(Gauge, labelnames=("model", "region"), registry=r)
-        self.requests = Counter(
+        region_gauge = partial(gauge, labelnames=("model", "region"), registry=r)
+        self.requests = counter(
             "balancer_requests", "Client requests answered, by the region that served them "
             "(\"none\" when no region did) and the HTTP status returned to the client.",
             ["model", "region", "status"], registry=r)
-        self.upstream_latency = Histogram(
+        self.upstream_latency = histogram(
             "balancer_upstream_latency_seconds", "Time from sending to a region until its "
             "response headers arrived, per attempt.",
             ["model", "region"], buckets=LATENCY_BUCKETS, registry=r)
-        self.time_to_first_token = Histogram(
+        self.time_to_first_token = histogram(
             "balancer_time_to_first_token_seconds", "Streams: time from sending to a region "
             "until the first chunk arrived.",
             ["model", "region"], buckets=LATENCY_BUCKETS, registry=r)
-        self.upstream_throttled = Counter(
+        self.upstream_throttled = counter(
             "balancer_upstream_throttled", "429 answers received from regions.",
             ["model", "region"], registry=r)
-        self.upstream_errors = Counter(
+        self.upstream_errors = counter(
             "balancer_upstream_errors", "Failed attempts at a region: 5xx, connect errors, "
             "timeouts, broken streams.", ["model", "region", "reason"], registry=r)
-        self.tokens = Counter(
+        self.tokens = counter(
             "balancer_tokens", "Tokens the regions reported in usage, by kind "
             "(prompt, completion).", ["model", "region", "kind"], registry=r)
-        self.selections = Counter(
+        self.selections = counter(
             "balancer_selections", "Times a region was picked and reserved for an attempt.",
             ["model", "region"], registry=r)
-        self.retries = Counter(
+        self.retries = counter(
             "balancer_retries", "Attempts retried on another region, by reason.",
             ["model", "reason"], registry=r)
-        self.rejections = Counter(
+        self.rejections = counter(
             "balancer_client_rejections", "Requests refused before reaching a region, by "
             "reason (auth, bad_request, not_found, too_large, no_capacity).",
             ["reason"], registry=r)
@@ -73,28 +84,28 @@ class Metrics:
             "is used again (0 when usable).")
         self.circuit_open = region_gauge(
             "balancer_circuit_open", "1 while a region's circuit breaker is open, else 0.")
-        self.store_degraded = Gauge(
+        self.store_degraded = gauge(
             "balancer_store_degraded", "1 while the shared store is unreachable and this "
             "replica serves from local buckets.", registry=r)
-        self.store_round_trips = Counter(
+        self.store_round_trips = counter(
             "balancer_store_round_trips", "Round trips to the shared capacity store, by "
             "operation.", ["op"], registry=r)
-        self.live_replicas = Gauge(
+        self.live_replicas = gauge(
             "balancer_live_replicas", "Gateway replicas heartbeating into the shared store "
             "(1 with the memory store).", registry=r)
-        self.config_reloads = Counter(
+        self.config_reloads = counter(
             "balancer_config_reloads", "Attempts to reload regions.yaml, by result "
             "(success, failure).", ["result"], registry=r)
-        self.queue_depth = Gauge(
+        self.queue_depth = gauge(
             "balancer_queue_depth", "Requests of this replica waiting in the admission queue "
             "for capacity.", ["model"], registry=r)
-        self.admission_wait = Histogram(
+        self.admission_wait = histogram(
             "balancer_admission_wait_seconds", "Time queued requests waited for capacity, by "
             "outcome (admitted, rejected at their deadline).", ["model", "outcome"],
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60), registry=r)
-        self.in_flight = Gauge(
+        self.in_flight = gauge(
             "balancer_in_flight_requests", "Client requests being served now.", registry=r)
-        self.event_loop_lag = Gauge(
+        self.event_loop_lag = gauge(
             "balancer_event_loop_lag_seconds", "How late the event loop ran a 0.1 s timer, "
             "worst over the last second: blocking work delays every request by as much.",
             registry=r)
@@ -103,13 +114,11 @@ class Metrics:
 def markdown() -> str:
     """The README's metric table (`python -m balancer.metrics`), from the definitions."""
     rows = ["| name | type | labels | meaning |", "|---|---|---|---|"]
-    for name, metric in vars(Metrics()).items():
-        if name == "registry":
-            continue
-        kind = type(metric).__name__.lower()
-        full = metric._name + ("_total" if kind == "counter" else "")
-        labels = ", ".join(metric._labelnames) or "—"
-        rows.append(f"| `{full}` | {kind} | {labels} | {metric._documentation} |")
+    metrics = Metrics()
+    for family in metrics.registry.collect():  # in declaration order
+        full = family.name + ("_total" if family.type == "counter" else "")
+        labels = ", ".join(metrics.label_names[family.name]) or "—"
+        rows.append(f"| `{full}` | {family.type} | {labels} | {family.documentation} |")
     return "\n".join(rows)
 
 
