@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -68,6 +69,14 @@ def access_lines(log: str) -> list[dict[str, Any]]:
     return out
 
 
+def swap(path: Path, text: str) -> None:
+    """Replace a config file at once, as editors and Kubernetes do: the file watcher
+    must never read a half-written file (that would count as one more refused reload)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def scrape(url: str) -> str:
     with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
         return r.read().decode()
@@ -91,7 +100,7 @@ def test_reload_under_load_loses_nothing(procs: Procs, tmp_path: Path) -> None:
                                 "--out", str(out)])
     time.sleep(3)
     # 1. b is removed, c is added with twice a's weight
-    config.write_text(HEAD + region("a", 600_000) + region("c", 600_000, weight=2))
+    swap(config, HEAD + region("a", 600_000) + region("c", 600_000, weight=2))
     time.sleep(1.5)
     before = sim_calls(sim_url)
     time.sleep(2.5)
@@ -100,14 +109,14 @@ def test_reload_under_load_loses_nothing(procs: Procs, tmp_path: Path) -> None:
     grew_a, grew_c = after["a"] - before["a"], after["c"] - before["c"]
     assert grew_c > grew_a > 0  # c weighs twice a
     # 2. an invalid file is refused and the running config stays
-    config.write_text(HEAD + region("a", -5))
+    swap(config, HEAD + region("a", -5))
     time.sleep(1.0)
     before = sim_calls(sim_url)
     time.sleep(1.5)
     after = sim_calls(sim_url)
     assert after["a"] > before["a"] and after["c"] > before["c"]
     # 3. a valid file again, applied on SIGHUP too
-    config.write_text(HEAD + region("a", 600_000) + region("b", 600_000))
+    swap(config, HEAD + region("a", 600_000) + region("b", 600_000))
     procs.procs[1].send_signal(signal.SIGHUP)
     assert load.wait(30) == 0
 
