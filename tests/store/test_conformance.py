@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import uuid
 from dataclasses import replace
+from importlib import resources
 
 import pytest
 
@@ -543,3 +545,25 @@ async def test_queue_forgets_expired_and_dequeued_waiters(make_store: Backends) 
     await store.settle(grant, 0)
     await asyncio.sleep(0.2)
     assert isinstance(await store.acquire(M, [a], 100, 0.5, queue=q("new", budget=0)), Grant)
+
+
+async def test_limits_reach_lua_by_field_name(make_redis_store: Backends) -> None:
+    """Every Limits field but the region arrives in lib.lua's parse_limits under its own
+    name, with its exact value: a new field needs no change to the argument format."""
+    from balancer.capacity.redis import LIMIT_FIELDS, limits_text
+
+    client = make_redis_store.client()
+    lib = (resources.files("balancer.capacity") / "lua" / "lib.lua").read_text()
+    names = "{" + ", ".join(f"'{n}'" for n in LIMIT_FIELDS) + "}"
+    echo = client.register_script(lib + f"""
+local out = {{}}
+for i, lim in ipairs(parse_limits(ARGV[1])) do
+  for _, name in ipairs({names}) do out[#out + 1] = fmt(lim[name]) end
+end
+return out""")
+    regions = [Limits("a", 1e5 / 3, 0.1, 7.0, 1 / 7, 2.5, 1, 0.2, 1e-9, 1.5),
+               Limits("b", 1.0, 2.0, 3.0, 4.0)]
+    raw = await echo(keys=[f"t:{{{uuid.uuid4().hex}}}"],
+                     args=[";".join(limits_text(lim) for lim in regions)])
+    got = [float(x) for x in raw]
+    assert got == [float(getattr(lim, n)) for lim in regions for n in LIMIT_FIELDS]
