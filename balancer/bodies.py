@@ -10,6 +10,8 @@ from typing import Any
 
 from balancer.errors import ClientError
 
+MAX_OUTPUT_TOKENS = 1_000_000  # as validate.MAX_TOKENS_LIMIT: bounds one request's debt
+
 
 def bad(message: str, param: str | None = None, code: str = "invalid_value") -> ClientError:
     """A 400 naming the offending parameter."""
@@ -51,3 +53,29 @@ def text_input(value: Any) -> bool:
         return all(isinstance(v, str) or is_int(v) or
                    (isinstance(v, list) and all(is_int(t) for t in v)) for v in value)
     return False
+
+
+def check_response(body: dict[str, Any]) -> None:
+    """Responses API: `input` is a string or a list of items (it may be left out when a
+    stored prompt, conversation or previous response supplies the context);
+    `instructions` a string; `max_output_tokens` bounded like `max_tokens` (it is
+    reserved in full); `previous_response_id` a non-empty string."""
+    items = body.get("input")
+    if items is None:
+        if not any(body.get(k) is not None for k in ("prompt", "conversation",
+                                                      "previous_response_id")):
+            raise bad("you must provide an input", "input", "missing_required_parameter")
+    elif not isinstance(items, str | list) or not all(
+            isinstance(i, str | dict) for i in (items if isinstance(items, list) else ())):
+        raise bad("'input' must be a string or an array of items.", "input")
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise bad("'instructions' must be a string.", "instructions", "invalid_type")
+    budget = body.get("max_output_tokens")
+    if budget is not None and (not is_int(budget) or not 1 <= budget <= MAX_OUTPUT_TOKENS):
+        raise bad(f"'max_output_tokens' must be an integer between 1 and "
+                  f"{MAX_OUTPUT_TOKENS}.", "max_output_tokens")
+    previous = body.get("previous_response_id")
+    if previous is not None and (not isinstance(previous, str) or not previous):
+        raise bad("'previous_response_id' must be a non-empty string.",
+                  "previous_response_id", "invalid_type")

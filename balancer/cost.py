@@ -115,3 +115,37 @@ def completion_budget(body: dict[str, Any], default_max_tokens: int) -> int:
 def no_completion(body: dict[str, Any], default_max_tokens: int) -> int:
     """Embeddings generate nothing: the input is the whole cost."""
     return 0
+
+
+def response_input_tokens(body: dict[str, Any]) -> int:
+    """Responses API: `instructions`, then `input`: a string (one user message) or a
+    list of items (messages with string or multi-part content; function calls and their
+    outputs, counted by their text), and the tools offered."""
+    total = REPLY_PRIMING
+    instructions = body.get("instructions")
+    if isinstance(instructions, str):
+        total += MESSAGE_OVERHEAD + text_tokens(instructions)
+    items = body.get("input")
+    if isinstance(items, str):
+        items = [{"content": items}]
+    for item in items if isinstance(items, list) else ():
+        if isinstance(item, str):
+            total += MESSAGE_OVERHEAD + text_tokens(item)
+        elif isinstance(item, dict):
+            total += MESSAGE_OVERHEAD
+            if "content" in item:
+                total += _content_tokens(item["content"])
+            for name in ("arguments", "output"):  # function_call / function_call_output
+                value = item.get(name)
+                if isinstance(value, str):
+                    total += text_tokens(value)
+    tools = body.get("tools")
+    if tools:
+        total += text_tokens(str(tools))
+    return total
+
+
+def output_budget(body: dict[str, Any], default_max_tokens: int) -> int:
+    """Responses API: `max_output_tokens`, else the deployment's default."""
+    budget = body.get("max_output_tokens")
+    return int(budget) if budget is not None else default_max_tokens

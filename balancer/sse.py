@@ -95,6 +95,27 @@ class UsageTap(EventTap):
         return not (self.strip and isinstance(payload, dict) and payload.get("choices") == [])
 
 
+class ResponseEventTap(EventTap):
+    """Responses API streams: named events (`event: response.output_text.delta`), no
+    `[DONE]`; the stream ends with `response.completed`, `.incomplete` or `.failed`,
+    whose `response.usage` settles the reservation. Every event is forwarded."""
+
+    FINAL = (b"response.completed", b"response.incomplete", b"response.failed")
+
+    def __init__(self, strip_usage_chunk: bool, usage: Callable[[Any], Usage | None]):
+        super().__init__()
+        self._usage_of = usage  # nothing to strip: the usage rides the final event
+
+    def _keep(self, event: bytes) -> bool:
+        if any(name in event for name in self.FINAL):
+            payload = data_json(event)
+            if isinstance(payload, dict) and payload.get("type") in (
+                    "response.completed", "response.incomplete", "response.failed"):
+                self.done = True
+                self.usage = self._usage_of(payload) or self.usage
+        return True
+
+
 def data_json(event: bytes) -> object:
     """The JSON of an event's `data:` lines, or None."""
     lines = [line[5:].strip() for line in event.splitlines() if line.startswith(b"data:")]

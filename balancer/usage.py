@@ -24,3 +24,20 @@ def completion_usage(payload: Any) -> Usage | None:
     if not isinstance(prompt, int) or not isinstance(completion, int):
         return None
     return prompt, completion
+
+
+def response_usage(payload: Any) -> Usage | None:
+    """The Responses API: `usage.input_tokens` / `usage.output_tokens` of a response
+    object, or of the `response` a stream's final event carries."""
+    if isinstance(payload, dict) and isinstance(payload.get("response"), dict):
+        payload = payload["response"]  # response.completed / .incomplete / .failed
+    if not isinstance(payload, dict):
+        return None
+    usage = payload.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("input_tokens")
+    completion = usage.get("output_tokens", 0) or 0
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return prompt, completion
