@@ -10,12 +10,20 @@ from typing import Any
 
 from balancer.errors import ClientError
 
-MAX_OUTPUT_TOKENS = 1_000_000  # as validate.MAX_TOKENS_LIMIT: bounds one request's debt
+MAX_TOKENS_LIMIT = 1_000_000  # above any model's context; bounds the debt one request can make
 
 
 def bad(message: str, param: str | None = None, code: str = "invalid_value") -> ClientError:
     """A 400 naming the offending parameter."""
     return ClientError(400, message, code, param=param)
+
+
+def check_budget(body: dict[str, Any], name: str) -> None:
+    """A completion budget (`max_tokens`, `max_output_tokens`...), reserved in full: an
+    integer from 1 to MAX_TOKENS_LIMIT when present."""
+    value = body.get(name)
+    if value is not None and (not is_int(value) or not 1 <= value <= MAX_TOKENS_LIMIT):
+        raise bad(f"'{name}' must be an integer between 1 and {MAX_TOKENS_LIMIT}.", name)
 
 
 def check_chat(body: dict[str, Any]) -> None:
@@ -71,10 +79,7 @@ def check_response(body: dict[str, Any]) -> None:
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise bad("'instructions' must be a string.", "instructions", "invalid_type")
-    budget = body.get("max_output_tokens")
-    if budget is not None and (not is_int(budget) or not 1 <= budget <= MAX_OUTPUT_TOKENS):
-        raise bad(f"'max_output_tokens' must be an integer between 1 and "
-                  f"{MAX_OUTPUT_TOKENS}.", "max_output_tokens")
+    check_budget(body, "max_output_tokens")
     previous = body.get("previous_response_id")
     if previous is not None and (not isinstance(previous, str) or not previous):
         raise bad("'previous_response_id' must be a non-empty string.",

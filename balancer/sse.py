@@ -44,9 +44,10 @@ class StreamFormat:
 class EventTap:
     """Whole events out, split on blank lines; `_keep` decides each event's fate."""
 
-    def __init__(self) -> None:
+    def __init__(self, usage: Callable[[Any], Usage | None]) -> None:
         self.usage: Usage | None = None
         self.done = False
+        self._usage_of = usage  # the operation's usage reader
         self._buffer = b""
 
     def feed(self, chunk: bytes) -> bytes:
@@ -76,9 +77,8 @@ class UsageTap(EventTap):
     the usage is in a chunk of its own with `choices: []`."""
 
     def __init__(self, strip_usage_chunk: bool, usage: Callable[[Any], Usage | None]):
-        super().__init__()
+        super().__init__(usage)
         self.strip = strip_usage_chunk
-        self._usage_of = usage
 
     def _keep(self, event: bytes) -> bool:
         if b"[DONE]" in event:
@@ -100,17 +100,16 @@ class ResponseEventTap(EventTap):
     `[DONE]`; the stream ends with `response.completed`, `.incomplete` or `.failed`,
     whose `response.usage` settles the reservation. Every event is forwarded."""
 
-    FINAL = (b"response.completed", b"response.incomplete", b"response.failed")
+    FINAL = ("response.completed", "response.incomplete", "response.failed")
+    _FINAL_BYTES = tuple(name.encode() for name in FINAL)  # cheap test before parsing
 
     def __init__(self, strip_usage_chunk: bool, usage: Callable[[Any], Usage | None]):
-        super().__init__()
-        self._usage_of = usage  # nothing to strip: the usage rides the final event
+        super().__init__(usage)  # nothing to strip: the usage rides the final event
 
     def _keep(self, event: bytes) -> bool:
-        if any(name in event for name in self.FINAL):
+        if any(name in event for name in self._FINAL_BYTES):
             payload = data_json(event)
-            if isinstance(payload, dict) and payload.get("type") in (
-                    "response.completed", "response.incomplete", "response.failed"):
+            if isinstance(payload, dict) and payload.get("type") in self.FINAL:
                 self.done = True
                 self.usage = self._usage_of(payload) or self.usage
         return True

@@ -14,16 +14,7 @@ Usage = tuple[int, int]  # (prompt or input tokens, completion or output tokens)
 def completion_usage(payload: Any) -> Usage | None:
     """`usage.prompt_tokens` / `usage.completion_tokens` (chat, completions, embeddings;
     also the final chunk of a stream that asked for `include_usage`)."""
-    if not isinstance(payload, dict):
-        return None
-    usage = payload.get("usage")
-    if not isinstance(usage, dict):
-        return None
-    prompt = usage.get("prompt_tokens")
-    completion = usage.get("completion_tokens", 0) or 0
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        return None
-    return prompt, completion
+    return _read(payload, "prompt_tokens", "completion_tokens")
 
 
 def response_usage(payload: Any) -> Usage | None:
@@ -31,13 +22,19 @@ def response_usage(payload: Any) -> Usage | None:
     object, or of the `response` a stream's final event carries."""
     if isinstance(payload, dict) and isinstance(payload.get("response"), dict):
         payload = payload["response"]  # response.completed / .incomplete / .failed
+    return _read(payload, "input_tokens", "output_tokens")
+
+
+def _read(payload: Any, prompt_key: str, completion_key: str) -> Usage | None:
+    """The two counts of `payload["usage"]`; a missing completion count is 0
+    (embeddings have none)."""
     if not isinstance(payload, dict):
         return None
     usage = payload.get("usage")
     if not isinstance(usage, dict):
         return None
-    prompt = usage.get("input_tokens")
-    completion = usage.get("output_tokens", 0) or 0
+    prompt = usage.get(prompt_key)
+    completion = usage.get(completion_key, 0) or 0
     if not isinstance(prompt, int) or not isinstance(completion, int):
         return None
     return prompt, completion

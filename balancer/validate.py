@@ -12,11 +12,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from balancer.bodies import bad, is_int
+from balancer.bodies import bad, check_budget, is_int
 from balancer.errors import ClientError
 from balancer.operations import Operation
 
-MAX_TOKENS_LIMIT = 1_000_000  # above any model's context; bounds the debt one request can make
 # Deepest JSON nesting accepted. Real requests, tool schemas included, stay far below;
 # deeper bodies only serve to exhaust recursion in whatever parses them next (ours:
 # the cost estimate; the upstream's), so they are refused here, before any region.
@@ -61,9 +60,7 @@ def parse(op: Operation, raw: bytes, path_model: str | None) -> ClientRequest:
     op.check(body)
 
     for name in ("max_tokens", "max_completion_tokens"):
-        value = body.get(name)
-        if value is not None and (not is_int(value) or not 1 <= value <= MAX_TOKENS_LIMIT):
-            raise bad(f"'{name}' must be an integer between 1 and {MAX_TOKENS_LIMIT}.", name)
+        check_budget(body, name)
     n = body.get("n")
     if n is not None and (not is_int(n) or not 1 <= n <= 128):
         raise bad("'n' must be an integer between 1 and 128.", "n")

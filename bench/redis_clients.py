@@ -219,25 +219,35 @@ async def open_coredis(server: Server) -> Client:
     return Client(call, stack.aclose)
 
 
-async def open_glide(server: Server) -> Client:
+async def glide_client(server: Server, *, client_cert: bool = False) -> Any:
+    """A valkey-glide client for `server`: TLS with the test CA when it serves TLS, and
+    with this bench's client certificate when asked."""
     from glide import (
         AdvancedGlideClientConfiguration,
         GlideClient,
         GlideClientConfiguration,
         NodeAddress,
-        Script,
         TlsAdvancedConfiguration,
     )
 
     advanced = None
     if server.tls:
-        assert server.certs is not None
+        d = server.certs
+        assert d is not None
+        certs = {"client_cert_pem": (d / "client.crt").read_bytes(),
+                 "client_key_pem": (d / "client.key").read_bytes()} if client_cert else {}
         advanced = AdvancedGlideClientConfiguration(tls_config=TlsAdvancedConfiguration(
-            root_pem_cacerts=(server.certs / "ca.crt").read_bytes()))
+            root_pem_cacerts=(d / "ca.crt").read_bytes(), **certs))
     config = GlideClientConfiguration([NodeAddress("127.0.0.1", server.port)],
                                       use_tls=server.tls, request_timeout=int(TIMEOUT * 1000),
                                       advanced_config=advanced)
-    client = await GlideClient.create(config)
+    return await GlideClient.create(config)
+
+
+async def open_glide(server: Server) -> Client:
+    from glide import Script
+
+    client = await glide_client(server)
     script = Script(script_text())
 
     async def call(keys: list[str], args: list[str]) -> Any:
@@ -418,21 +428,9 @@ async def probe_mtls(c: Candidate, server: Server, keys: list[str], args: list[s
     assert server.certs is not None
     d = server.certs
     if c.name.startswith("valkey-glide"):
-        from glide import (
-            AdvancedGlideClientConfiguration,
-            GlideClient,
-            GlideClientConfiguration,
-            NodeAddress,
-            Script,
-            TlsAdvancedConfiguration,
-        )
+        from glide import Script
 
-        tls = TlsAdvancedConfiguration(root_pem_cacerts=(d / "ca.crt").read_bytes(),
-                                       client_cert_pem=(d / "client.crt").read_bytes(),
-                                       client_key_pem=(d / "client.key").read_bytes())
-        g = await GlideClient.create(GlideClientConfiguration(
-            [NodeAddress("127.0.0.1", server.port)], use_tls=True,
-            advanced_config=AdvancedGlideClientConfiguration(tls_config=tls)))
+        g = await glide_client(server, client_cert=True)
         try:
             await g.invoke_script(Script(script_text()), keys=keys, args=args)  # type: ignore[arg-type]
         finally:

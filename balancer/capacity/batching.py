@@ -6,12 +6,11 @@ requests reach admission in the same turn of the event loop, so their script cal
 queued and sent on the next turn as one redis-py pipeline (no MULTI: each call stays
 its own atomic script): one connection, one write, one read for all of them. A call
 made while nothing else is on its way goes straight through as a plain EVALSHA, so a
-lone request waits for no turn. BENCHMARKS.md ("Redis
-client for the store") has the CPU per call both ways.
+lone request waits for no turn. BENCHMARKS.md section 4 has the CPU per call both ways.
 
 Callers see exactly what a direct call gives: the script's reply, or redis-py's own
-exception (a reply error, a connection error), or TimeoutError past `timeout`. A caller that stops
-waiting (its deadline) leaves the rest of the batch alone.
+exception (a reply error, a connection error), or TimeoutError past `timeout`. A
+caller that stops waiting (its deadline) leaves the rest of the batch alone.
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ sorted set `{prefix}:{replicas}` scored by Redis time.
 Every command goes through redis-py's asyncio client, with hiredis parsing replies
 (`redis[hiredis]`), the same way on plain `redis://`, TLS `rediss://` and the cluster
 schemes: the scripts are redis-py `register_script` objects (EVALSHA, and on NOSCRIPT a
-SCRIPT LOAD then EVALSHA again). Each concurrent call holds one pooled connection;
-BENCHMARKS.md ("Redis client for the store") has what that costs per call beside the
-multiplexing clients measured, and why this one was kept.
+SCRIPT LOAD then EVALSHA again). On a plain client the hot path's calls made in one
+event-loop turn share one pipeline (`batching.py`). BENCHMARKS.md section 4 has what a
+call costs beside the other clients measured, and why this one was kept.
 """
 
 from __future__ import annotations
