@@ -92,7 +92,14 @@ def test_semantic_errors() -> None:
     dup = GOOD.replace("name: fallback", "name: eastus2")
     assert ("regions[1].name", "duplicate region name 'eastus2'") in problems(dup)
     no_version = GOOD.replace('api_version: "2024-06-01"', "")
-    assert ("regions[0].api_version", "is required for kind azure") in problems(no_version)
+    assert ("regions[0].api_version", "is required for kind azure (v1, or a dated version "
+            "such as 2024-10-21)") in problems(no_version)
+    for bad in ('""', "v2", "2024-6-1", "latest", "2024-06-01-beta"):
+        wrong = GOOD.replace('api_version: "2024-06-01"', f"api_version: {bad}")
+        assert problems(wrong)[0][0] == "regions[0].api_version", bad
+    for good in ("v1", '"2025-04-01-preview"'):
+        text = textwrap.dedent(GOOD.replace('api_version: "2024-06-01"', f"api_version: {good}"))
+        assert config.parse(text, "r.yaml", ENV).regions[0].api_version == good.strip('"')
     bad_url = GOOD.replace("endpoint: ${EP}", "endpoint: ftp://x")
     assert problems(bad_url)[0][0] == "regions[0].endpoint"
     no_tpm = GOOD.replace("tpm: 100000", "rpm: 5")

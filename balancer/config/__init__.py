@@ -32,6 +32,7 @@ from balancer.config.model import (
     LearnedCapacity,
     Listen,
     Region,
+    Responses,
     Secret,
     StoreConfig,
     Target,
@@ -41,6 +42,6 @@ from balancer.config.schema import ENV_REF, NAME, setting
 __all__ = [
     "DEFAULT_PATH", "ENV_REF", "KINDS", "NAME", "SETTLE_MODES", "STORE_SCHEMES",
     "AdmissionQueue", "Config", "ConfigError", "Deployment", "GatewayConfig",
-    "LatencyWeighting", "LearnedCapacity", "Listen", "Region", "Secret", "StoreConfig",
+    "LatencyWeighting", "LearnedCapacity", "Listen", "Region", "Responses", "Secret", "StoreConfig",
     "Target", "config_path", "load", "parse", "setting",
 ]

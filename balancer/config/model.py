@@ -4,6 +4,7 @@ order (kept from the hand-written validator, so `balancer check` output is uncha
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,9 +64,19 @@ def http_url(url: str, _: Any) -> str | None:
     return None
 
 
-def azure_needs_api_version(version: str | None, region: Mapping[str, Any]) -> str | None:
-    return "is required for kind azure" if region["kind"] == "azure" and version is None \
-        else None
+# Azure's api-version: "v1" (the /openai/v1/ routes, Azure's recommended surface since
+# August 2025) or a dated version. [0-9], not \d: \d matches non-ASCII digits too.
+API_VERSION = re.compile(r"v1|[0-9]{4}-[0-9]{2}-[0-9]{2}(-preview)?")
+
+
+def azure_api_version(version: str | None, region: Mapping[str, Any]) -> str | None:
+    if region["kind"] != "azure":
+        return None
+    if version is None:
+        return "is required for kind azure (v1, or a dated version such as 2024-10-21)"
+    if not API_VERSION.fullmatch(version):
+        return f"must be v1 or a date YYYY-MM-DD[-preview], got {version!r}"
+    return None
 
 
 def one_of_the_classes(name: str, queue: Mapping[str, Any]) -> str | None:
@@ -186,6 +197,16 @@ class AdmissionQueue:
 
 
 @dataclass(frozen=True)
+class Responses:
+    """The Responses API stores each response in the region that created it; follow-ups
+    naming its id go there (balancer.gateway.affinity)."""
+
+    # Azure and OpenAI keep stored responses for 30 days.
+    affinity_ttl_seconds: int = setting(30 * 86400, "how long the gateway remembers which "
+                                        "region holds a response", minimum=60)
+
+
+@dataclass(frozen=True)
 class Deployment:
     model: str = setting(doc="the model name: its key under `deployments`", internal=True)
     tpm: int = setting(doc="tokens per minute", required=True, fallback=0, minimum=1)
@@ -208,7 +229,8 @@ class Region:
                             simulated="http://simulated.invalid")
     api_key: Secret | None = setting(  # noqa: RUF009 (setting is a field specifier)
         None, "the region's key", simulated=None)
-    api_version: str | None = setting(None, "Azure api-version", check=azure_needs_api_version)
+    api_version: str | None = setting(None, "Azure api-version: v1, or a dated version",
+                                      check=azure_api_version)
     priority: int = setting(0, "lower is preferred; higher tiers only when lower are "
                                "exhausted")
     deployments: Mapping[str, Deployment] = setting(
@@ -244,6 +266,7 @@ class Config:
     learned_capacity: LearnedCapacity = field(default_factory=LearnedCapacity)
     latency_weighting: LatencyWeighting = field(default_factory=LatencyWeighting)
     admission_queue: AdmissionQueue = field(default_factory=AdmissionQueue)
+    responses: Responses = field(default_factory=Responses)
     source: str = setting("<defaults>", "the file this was read from", internal=True)
 
     @property
