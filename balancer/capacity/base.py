@@ -71,6 +71,16 @@ class RegionState:
     latency: float = 0.0  # smoothed seconds per output token (0: no sample yet)
 
 
+@dataclass(frozen=True, slots=True)
+class Pin:
+    """Where a stored response lives: the model group and region that created it, and
+    its context (input + output tokens), which a continuation re-reads as input."""
+
+    model: str
+    region: str
+    tokens: int = 0
+
+
 class CapacityStore(Protocol):
     """Every backend offers all of this; callers never probe for optional parts."""
 
@@ -136,6 +146,22 @@ class CapacityStore(Protocol):
 
     async def snapshot(self, model: str, candidates: Sequence[Limits]) -> list[RegionState]:
         """Every candidate's state refilled to now, without changing it."""
+        ...
+
+    # -- response affinity: a stored response (Responses API) lives in the region that
+    # created it, so every follow-up call must go there, from whichever replica.
+
+    async def pin(self, response_id: str, pin: Pin, ttl_seconds: float) -> None:
+        """Remember where `response_id` lives (overwriting), for `ttl_seconds` (the
+        upstream retention)."""
+        ...
+
+    async def pinned(self, response_id: str) -> Pin | None:
+        """Where `response_id` lives; None when unknown or expired."""
+        ...
+
+    async def unpin(self, response_id: str) -> None:
+        """Forget `response_id` (the response was deleted)."""
         ...
 
     async def close(self) -> None:

@@ -7,12 +7,19 @@ construction; no lock is needed.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from balancer import policy
-from balancer.capacity.base import Grant, Queueing, RegionState, Wait, state_of
+from balancer.capacity.base import Grant, Pin, Queueing, RegionState, Wait, state_of
 from balancer.policy import Level, Limits
+
+# Pins live as long as upstream retention (30 days): without a bound, one replica's
+# memory would grow with every response it creates for that long. Beyond it the oldest
+# pins go first (their follow-ups are the least likely); a Redis-backed gateway keeps
+# its pins in Redis and holds here only those made while Redis was down.
+MAX_PINS = 200_000
 
 
 @dataclass(slots=True)
@@ -40,10 +47,16 @@ class MemoryStore:
     degraded = False  # nothing shared to lose
     replicas = 1  # one replica's view
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic, *,
+                 max_pins: int = MAX_PINS):
         self._clock = clock
         self._buckets: dict[tuple[str, str], _Bucket] = {}
         self._queues: dict[str, dict[str, _Ticket]] = {}
+        # response id -> (pin, expiry by the clock), oldest insertion first. An
+        # OrderedDict, since popping a plain dict's first item again and again
+        # degrades to a scan over the deleted slots.
+        self._pins: OrderedDict[str, tuple[Pin, float]] = OrderedDict()
+        self._max_pins = max_pins
 
     def _bucket(self, model: str, limits: Limits, now: float) -> tuple[_Bucket, Limits]:
         """The region's bucket refilled up to `now` (a new one starts full), and its
@@ -163,10 +176,33 @@ class MemoryStore:
             out.append(state_of(eff, self._level(b, now), b.failures, b.tripped, b.factor))
         return out
 
+    async def pin(self, response_id: str, pin: Pin, ttl_seconds: float) -> None:
+        now = self._clock()
+        pins = self._pins
+        pins.pop(response_id, None)  # an overwrite counts as the newest insertion
+        pins[response_id] = (pin, now + ttl_seconds)
+        # Drop what has expired at the old end (cheap, and the usual way pins go), then
+        # whatever the bound still forbids.
+        while pins and (len(pins) > self._max_pins or next(iter(pins.values()))[1] <= now):
+            pins.popitem(last=False)
+
+    async def pinned(self, response_id: str) -> Pin | None:
+        entry = self._pins.get(response_id)
+        if entry is None:
+            return None
+        if entry[1] <= self._clock():
+            del self._pins[response_id]
+            return None
+        return entry[0]
+
+    async def unpin(self, response_id: str) -> None:
+        self._pins.pop(response_id, None)
+
     async def start(self) -> None:
         pass  # nothing to connect
 
     async def close(self) -> None:
         self._buckets.clear()
         self._queues.clear()
+        self._pins.clear()
 

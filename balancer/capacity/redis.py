@@ -17,6 +17,10 @@ per field) keeps a bucket's levels, stamp and circuit together: one HMGET reads 
 one HSET + EXPIRE writes it, and the TTL covers all of it. Live replicas are a
 sorted set `{prefix}:{replicas}` scored by Redis time.
 
+Response affinity is one plain STRING per stored response, `{prefix}:resp:<id>` =
+"<model>\t<region>\t<tokens>" with the upstream retention as its TTL: one key per
+command, so plain SET/GET/DEL (no script, no hash tag) work on a cluster too.
+
 Every command goes through redis-py's asyncio client, with hiredis parsing replies
 (`redis[hiredis]`), the same way on plain `redis://`, TLS `rediss://` and the cluster
 schemes: the scripts are redis-py `register_script` objects (EVALSHA, and on NOSCRIPT a
@@ -39,9 +43,10 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
 
 from balancer import policy
-from balancer.capacity.base import Grant, Queueing, RegionState, Wait, state_of
+from balancer.capacity.base import Grant, Pin, Queueing, RegionState, Wait, state_of
 from balancer.capacity.batching import BatchedScript
 from balancer.config import STORE_SCHEMES, StoreConfig
 from balancer.policy import Level, Limits
@@ -76,6 +81,35 @@ LIMIT_FIELDS = tuple(f.name for f in fields(Limits) if f.name != "region")
 
 def limits_text(limits: Limits) -> str:
     return " ".join([f"{name}={_num(getattr(limits, name))}" for name in LIMIT_FIELDS])
+
+
+MAX_PIN_TTL = 2**31 - 1  # seconds (68 years): an EX that Redis surely accepts
+
+
+def _pin_ttl(seconds: float) -> int:
+    # EX takes whole seconds and refuses 0: round up, so a pin never expires early.
+    return max(1, math.ceil(min(seconds, MAX_PIN_TTL)))
+
+
+def encode_pin(pin: Pin) -> str:
+    """Model and region are names ([A-Za-z0-9._-]), so a tab cannot occur in them."""
+    return f"{pin.model}\t{pin.region}\t{int(pin.tokens)}"
+
+
+def decode_pin(raw: bytes | str | None) -> Pin | None:
+    """The pin `encode_pin` wrote, or None for anything else (absent, or a value that
+    is not ours): a wrong pin would send follow-ups to a region without the response."""
+    if raw is None:
+        return None
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        model, region, tokens = text.split("\t")
+        count = int(tokens)
+    except ValueError:  # UnicodeDecodeError is one, as are a wrong field count and int()
+        return None
+    if not model or not region or count < 0:
+        return None
+    return Pin(model, region, count)
 
 
 def connect(config: StoreConfig) -> Client:
@@ -151,6 +185,9 @@ class RedisStore:
 
     def key(self, model: str, region: str) -> str:
         return f"{self.prefix}:{{{model}}}:{region}"
+
+    def pin_key(self, response_id: str) -> str:
+        return f"{self.prefix}:resp:{response_id}"
 
     @property
     def replicas_key(self) -> str:
@@ -244,6 +281,40 @@ class RedisStore:
             eff = policy.effective(c, float(factor))
             out.append(state_of(eff, level, int(failures), int(tripped) != 0, float(factor)))
         return out
+
+    async def pin(self, response_id: str, pin: Pin, ttl_seconds: float) -> None:
+        self._round_trip("pin")
+        await self.client.set(self.pin_key(response_id), encode_pin(pin),
+                              ex=_pin_ttl(ttl_seconds))
+
+    async def pinned(self, response_id: str) -> Pin | None:
+        self._round_trip("pinned")
+        return decode_pin(await self.client.get(self.pin_key(response_id)))
+
+    async def unpin(self, response_id: str) -> None:
+        self._round_trip("unpin")
+        await self.client.delete(self.pin_key(response_id))
+
+    async def pin_many(self, pins: Sequence[tuple[str, Pin, float]]) -> int:
+        """Write several pins (response id, pin, ttl) in one pipeline: the pins a
+        degraded replica made, once Redis is back. Not atomic, and need not be: each
+        SET stands alone, and a retry rewrites the same values. Returns how many Redis
+        refused; a lost connection raises."""
+        if not pins:
+            return 0
+        self._round_trip("pin_many")
+        # transaction=False: no MULTI, so the cluster client may split it across nodes.
+        pipe = self.client.pipeline(transaction=False)
+        for response_id, pin, ttl in pins:
+            pipe.set(self.pin_key(response_id), encode_pin(pin), ex=_pin_ttl(ttl))
+        # A refused SET comes back as its error: one bad pin must not fail the others
+        # (nor, raised, look like an outage to the caller). Any other error is one.
+        replies = await pipe.execute(raise_on_error=False)
+        errors = [r for r in replies if isinstance(r, Exception)]
+        for error in errors:
+            if not isinstance(error, ResponseError):
+                raise error
+        return len(errors)
 
     async def heartbeat(self, replica_id: str, ttl_seconds: float) -> int:
         """Record this replica as live; returns how many replicas were live within

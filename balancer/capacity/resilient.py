@@ -7,16 +7,23 @@ replica's share of each region (capacity and refill rate divided by the replicas
 last seen live), so no request fails and none waits on a dead Redis. A background
 task probes Redis and switches back by itself when it answers; the same task sends
 the heartbeats that count the live replicas.
+
+Response pins made while degraded live in the local store and wait in a bounded
+list; before switching back, the probe writes them to Redis, so a response created
+during the outage can be followed up from every replica afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import secrets
 import socket
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import replace
 from functools import lru_cache
@@ -25,7 +32,7 @@ from typing import TypeVar
 from redis.exceptions import RedisClusterException, RedisError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_fixed
 
-from balancer.capacity.base import Grant, Queueing, RegionState, Wait
+from balancer.capacity.base import Grant, Pin, Queueing, RegionState, Wait
 from balancer.capacity.memory import MemoryStore
 from balancer.capacity.redis import RedisStore
 from balancer.policy import Limits
@@ -37,6 +44,10 @@ log = logging.getLogger(__name__)
 FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 T = TypeVar("T")
 STARTUP_SECONDS = 1.0  # bound on connecting to the store when a replica starts
+# Pins made while degraded, waiting for Redis: bounded, since an outage can be long
+# and busy; beyond it the oldest stay local only (this replica still routes them).
+MAX_PENDING_PINS = 100_000
+PIN_BATCH = 500  # pending pins written per pipeline on recovery, each under the deadline
 
 
 @lru_cache(maxsize=4096)
@@ -87,6 +98,8 @@ class ResilientStore:
         self._closed = False
         self._joined = False  # a heartbeat registered this replica
         self._wake = asyncio.Event()  # set on degrading: start probing now
+        # response id -> (pin, expiry by time.monotonic) made while degraded, oldest first
+        self._pending: OrderedDict[str, tuple[Pin, float]] = OrderedDict()
 
     @property
     def degraded(self) -> bool:
@@ -199,7 +212,10 @@ class ResilientStore:
             try:
                 if self._degraded:
                     await self._reconnect()
-                    self._recover()
+                    # Pins first: until they are in Redis this replica keeps reading
+                    # them locally. If Redis fails again meanwhile, probe again.
+                    if await self._flush_pins():
+                        self._recover()
                     continue
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._heartbeat_interval):
@@ -210,6 +226,32 @@ class ResilientStore:
             except Exception:  # never let the probe die: it is the way back
                 log.exception("capacity store probe failed unexpectedly")
                 await asyncio.sleep(self._probe_interval)
+
+    async def _flush_pins(self) -> bool:
+        """Write the pins made while degraded to Redis with their remaining TTL, oldest
+        first; False (the unwritten ones kept) if Redis fails meanwhile."""
+        while self._pending:
+            taken = list(itertools.islice(self._pending.items(), PIN_BATCH))
+            now = time.monotonic()
+            batch = [(rid, pin, expires - now) for rid, (pin, expires) in taken
+                     if expires > now]  # an expired one is dropped with the batch
+            try:
+                async with asyncio.timeout(self._deadline):
+                    refused = await self.shared.pin_many(batch)
+                if refused:
+                    log.warning("capacity store %s refused %d pending pins", self.name,
+                                refused)
+            except FAILURES as exc:
+                log.info("capacity store %s failed writing %d pending pins (%s)",
+                         self.name, len(self._pending), type(exc).__name__)
+                return False
+            except Exception:  # a pin that cannot be sent must not hold recovery back
+                log.exception("capacity store %s: dropping %d pending pins", self.name,
+                              len(batch))
+            for rid, entry in taken:
+                if self._pending.get(rid) is entry:  # not re-pinned meanwhile
+                    del self._pending[rid]
+        return True
 
     # -- the store protocol --------------------------------------------------------
 
@@ -292,6 +334,30 @@ class ResilientStore:
         return await self._either(
             "snapshot", lambda: self.shared.snapshot(model, candidates),
             lambda: self.local.snapshot(model, [self._share(c) for c in candidates]))
+
+    async def pin(self, response_id: str, pin: Pin, ttl_seconds: float) -> None:
+        await self._either("pin", lambda: self.shared.pin(response_id, pin, ttl_seconds),
+                           lambda: self._pin_locally(response_id, pin, ttl_seconds))
+
+    async def _pin_locally(self, response_id: str, pin: Pin, ttl_seconds: float) -> None:
+        await self.local.pin(response_id, pin, ttl_seconds)
+        pending = self._pending
+        pending.pop(response_id, None)  # an overwrite is the newest
+        pending[response_id] = (pin, time.monotonic() + ttl_seconds)
+        while len(pending) > MAX_PENDING_PINS:
+            pending.popitem(last=False)
+
+    async def pinned(self, response_id: str) -> Pin | None:
+        # In shared mode a miss still asks the local store: it holds the pins made
+        # while degraded that the bounded pending list could not keep for Redis.
+        found = await self._either("pinned", lambda: self.shared.pinned(response_id),
+                                   _nothing)
+        return found if found is not None else await self.local.pinned(response_id)
+
+    async def unpin(self, response_id: str) -> None:
+        self._pending.pop(response_id, None)  # must not come back on recovery
+        await self.local.unpin(response_id)
+        await self._either("unpin", lambda: self.shared.unpin(response_id), _nothing)
 
 
 async def _nothing() -> None:
