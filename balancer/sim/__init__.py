@@ -1,28 +1,43 @@
 """Azure-like simulated regions: real HTTP upstreams with TPM/RPM limits, 429s and SSE.
 
 One aiohttp app serves many regions, each under a path prefix (`http://HOST:PORT/eastus2`),
-in both wire shapes:
+in each wire shape (`balancer.sim.routes`):
 
-- Azure:  POST /{region}/openai/deployments/{deployment}/{op}?api-version=...  (`api-key` header)
-- OpenAI: POST /{region}/v1/{op}, the deployment named by body["model"]  (`Authorization: Bearer`)
+- Azure:    POST /{region}/openai/deployments/{deployment}/{op}?api-version=...  (`api-key`),
+            op one of chat/completions, completions, embeddings;
+- Azure:    POST /{region}/openai/responses?api-version=..., the deployment in body["model"];
+- Azure v1: POST /{region}/openai/v1/{op}, body["model"], `api-key` or Bearer, no api-version;
+- OpenAI:   POST /{region}/v1/{op}, body["model"]  (`Authorization: Bearer`)
 
-with op one of chat/completions, completions, embeddings. Admission copies Azure: the
+with op in the last two one of chat/completions, completions, embeddings, responses. A
+Responses API response is stored in the region that made it (unless `store` is false);
+GET and DELETE .../responses/{id}, POST .../responses/{id}/cancel and
+GET .../responses/{id}/input_items reach it under each of the three responses prefixes, and
+a `previous_response_id` must name one this region holds. Admission copies Azure: the
 *estimated* cost (the operation's `prompt_tokens` + `completion_budget` from
-`balancer.operations`, the gateway's own estimate) is charged to a token bucket holding
+`balancer.operations`, the gateway's own estimate; for a continuation, plus the context of
+the response it follows) is charged to a token bucket holding
 `token_window_seconds` of the TPM quota, beside a request bucket for RPM, and nothing is
 refunded after the answer. A refused request gets 429 with
-`retry-after` / `retry-after-ms` in real seconds.
+`retry-after` / `retry-after-ms` in real seconds, except on Azure's Responses API routes
+with the region's `responses_headers` "azure" (the default): as Azure does there, remaining
+counts are "-1" and a 429 says when to retry only in its message.
 
 Fault knobs live on `SimRegion` and change at run time with POST /_sim/regions/{region};
-GET /_sim/stats and POST /_sim/reset serve tests and benchmarks.
+GET /_sim/stats and POST /_sim/reset serve tests and benchmarks; the stats' "responses"
+part counts, per region, stored responses, calls naming an id and those whose id the
+region does not hold (a gateway's affinity should keep that at zero).
 
 Choices the brief left open:
 - a missing api-version answers 404 "Resource not found", as Azure does;
 - `fail_rate` is drawn before admission and charges nothing (the backend refused the call);
   `hang`, `malformed` and `reset_after_chunks` strike after admission, so they are charged;
   all four count in the `failed` stat;
-- a stream with `reset_after_chunks` set never completes: it is cut after N chunks, or just
-  before `data: [DONE]` when it is shorter; the knob does not affect non-stream answers;
+- a stream with `reset_after_chunks` set never completes: it is cut after N chunks (events),
+  or just before `data: [DONE]` (the final response event) when it is shorter; the knob does
+  not affect non-stream answers;
+- a background response is answered at once, "queued", and completes on `sim.clock` once the
+  latency it would have taken has passed; a streamed one is stored as soon as it starts;
 - `prompt + completion budget` above CONTEXT_TOKENS is refused with 400, which also bounds the
   size of the text we generate;
 - `create_app` deep-copies the regions, so apps built from one config never share knobs.
@@ -31,10 +46,17 @@ Modules, each with one job:
 
 - `config`:    SimConfig, SimRegion, SimDeployment, the reference regions, knob validation;
 - `buckets`:   the admission state of one (region, deployment): buckets, windows, stats;
+- `store`:     one region's stored responses and its id-lookup counters;
 - `state`:     `Simulator`, the whole state of one app;
 - `errors`:    OpenAI-shaped error answers;
-- `responses`: completion and embedding bodies, stream chunks;
-- `handlers`:  the Azure and OpenAI routes: auth, estimate, admission, faults, answer;
+- `ratelimit`: remaining-quota headers and 429s;
+- `answers`:   completion and embedding bodies, stream chunks;
+- `response_objects`: Responses API objects, input items and stream events;
+- `streaming`: latency, SSE streams and their cut, hangs;
+- `routes`:    the URL families: auth, api-version, where the deployment is named;
+- `handlers`:  a create request's path: estimate, faults, admission, answer;
+- `response_create`: POST responses: its estimate and its answer (whole, stream, background);
+- `id_routes`: retrieve, delete, cancel and input_items of a stored response;
 - `control`:   the /_sim endpoints;
 - `app`:       `create_app` and `start`;
 - `twin`:      the simulated twin of a gateway Config (`serve --simulate`);

@@ -6,14 +6,19 @@ import time
 
 from aiohttp import web
 
-from balancer import operations
+from balancer.operations import OPERATIONS
+from balancer.sim import id_routes
 from balancer.sim.config import SimConfig
 from balancer.sim.control import get_knobs, get_stats, post_knobs, post_reset
 from balancer.sim.errors import api_errors
-from balancer.sim.handlers import azure_handler, openai_handler
+from balancer.sim.routes import AZURE, AZURE_V1, OPENAI, create_handler
 from balancer.sim.state import SIMULATOR, Clock, Simulator
 
-_OPERATIONS = "|".join(operations.NAMES)
+_ALL = "|".join(OPERATIONS)
+# Azure has /openai/deployments/{deployment}/... only for the older operations; the others
+# name their deployment in the body's `model` (/openai/responses?api-version=...)
+_IN_PATH = "|".join(name for name, op in OPERATIONS.items() if op.deployment_route)
+_BODY_MODEL = "|".join(name for name, op in OPERATIONS.items() if not op.deployment_route)
 
 
 async def _tag_region(request: web.Request, response: web.StreamResponse) -> None:
@@ -36,10 +41,21 @@ def create_app(config: SimConfig, *, clock: Clock = time.monotonic) -> web.Appli
     app.router.add_post("/_sim/reset", post_reset)
     app.router.add_get("/_sim/regions/{region}", get_knobs)
     app.router.add_post("/_sim/regions/{region}", post_knobs)
-    app.router.add_post(
-        "/{region}/openai/deployments/{deployment}/{op:" + _OPERATIONS + "}", azure_handler
+    add_post = app.router.add_post
+    add_post(
+        "/{region}/openai/deployments/{deployment}/{op:" + _IN_PATH + "}",
+        create_handler(AZURE, deployment_in_path=True),
     )
-    app.router.add_post("/{region}/v1/{op:" + _OPERATIONS + "}", openai_handler)
+    add_post("/{region}/openai/v1/{op:" + _ALL + "}", create_handler(AZURE_V1))
+    if _BODY_MODEL:
+        add_post("/{region}/openai/{op:" + _BODY_MODEL + "}", create_handler(AZURE))
+    add_post("/{region}/v1/{op:" + _ALL + "}", create_handler(OPENAI))
+    for prefix, style in (
+        ("/{region}/openai/v1/responses", AZURE_V1),
+        ("/{region}/openai/responses", AZURE),
+        ("/{region}/v1/responses", OPENAI),
+    ):
+        id_routes.add_routes(app.router, prefix, style)
     return app
 
 

@@ -44,6 +44,9 @@ class SimRegion:
     reset_after_chunks: int | None = None
     malformed: str | None = None  # "json" | "html"
     throttle_headers: str = "normal"  # "normal" | "none" | "minus1"
+    # Azure's Responses API reports remaining counts as "-1" and often sends no retry-after;
+    # "normal": its answers carry the same headers as chat
+    responses_headers: str = "azure"  # "azure" | "normal"
     slowdown: float = 1.0
     cotenant_tpm: float = 0.0
 
@@ -101,6 +104,7 @@ KNOBS: dict[str, Callable[[Any], bool]] = {
     "reset_after_chunks": lambda v: v is None or (_integer(v) and v >= 0),
     "malformed": lambda v: v in (None, "json", "html"),
     "throttle_headers": lambda v: v in ("normal", "none", "minus1"),
+    "responses_headers": lambda v: v in ("azure", "normal"),
     "slowdown": _non_negative,
     "cotenant_tpm": _non_negative,
 }

@@ -1,4 +1,5 @@
-"""Control endpoints under /_sim: read and change a region's knobs, read or reset the stats."""
+"""Control endpoints under /_sim: read and change a region's knobs, read or reset the stats
+(per deployment under "regions"; per region's stored responses under "responses")."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from aiohttp import web
 
 from balancer.sim.config import KNOBS, region_knobs
 from balancer.sim.errors import ApiError
-from balancer.sim.handlers import read_body
+from balancer.sim.routes import read_body
 from balancer.sim.state import SIMULATOR
 
 
@@ -39,7 +40,8 @@ async def get_stats(request: web.Request) -> web.Response:
     regions: dict[str, dict[str, Any]] = {}
     for (region, name), dep in sim.deployments.items():
         regions.setdefault(region, {})[name] = dep.snapshot(now)
-    return web.json_response({"regions": regions})
+    responses = {name: store.stats() for name, store in sim.stores.items()}
+    return web.json_response({"regions": regions, "responses": responses})
 
 
 async def post_reset(request: web.Request) -> web.Response:
@@ -47,4 +49,6 @@ async def post_reset(request: web.Request) -> web.Response:
     now = sim.clock()
     for dep in sim.deployments.values():
         dep.reset(now)
+    for store in sim.stores.values():
+        store.reset_counters()
     return web.json_response({"reset": True})

@@ -14,18 +14,19 @@ class ApiError(Exception):
         self,
         status: int,
         message: str,
-        code: str,
+        code: str | None,
         type_: str = "invalid_request_error",
         headers: dict[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.type = status, message, code, type_
         self.headers = headers or {}
+        self.param = param
 
     def response(self) -> web.Response:
-        body = {
-            "error": {"message": self.message, "type": self.type, "param": None, "code": self.code}
-        }
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        body = {"error": error}
         return web.json_response(body, status=self.status, headers=self.headers)
 
 

@@ -1,5 +1,6 @@
-"""The simulator's run-time state (regions, their deployments' buckets, the random source,
-the clock), shared by every handler through the app key `SIMULATOR`."""
+"""The simulator's run-time state (regions, their deployments' buckets, their stored
+responses, the random source, the clock), shared by every handler through the app key
+`SIMULATOR`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from aiohttp import web
 from balancer.sim.buckets import DeploymentState
 from balancer.sim.config import FLOAT_KNOBS, SimConfig, SimRegion, validate
 from balancer.sim.errors import ApiError
+from balancer.sim.store import ResponseStore
 
 Clock = Callable[[], float]
 
@@ -34,6 +36,8 @@ class Simulator:
             for r in self.regions.values()
             for d in r.deployments
         }
+        # Responses API objects live in the region that made them, as on Azure and OpenAI
+        self.stores = {name: ResponseStore() for name in self.regions}
         self.closing = asyncio.Event()  # set at shutdown: releases hung requests
         for region in self.regions.values():
             self._set_cotenant(region, now)

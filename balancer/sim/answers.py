@@ -1,4 +1,4 @@
-"""Bodies of admitted requests: completions, embeddings and the chunks of a stream."""
+"""Answers of admitted chat, completions and embeddings requests: bodies and stream chunks."""
 
 from __future__ import annotations
 
