@@ -35,11 +35,11 @@ class Metrics:
         self.requests = counter(
             "balancer_requests", "Client requests answered, by the region that served them "
             "(\"none\" when no region did) and the HTTP status returned to the client.",
-            ["model", "region", "status"], registry=r)
+            ["model", "region", "status", "operation"], registry=r)
         self.upstream_latency = histogram(
             "balancer_upstream_latency_seconds", "Time from sending to a region until its "
             "response headers arrived, per attempt.",
-            ["model", "region"], buckets=LATENCY_BUCKETS, registry=r)
+            ["model", "region", "operation"], buckets=LATENCY_BUCKETS, registry=r)
         self.time_to_first_token = histogram(
             "balancer_time_to_first_token_seconds", "Streams: time from sending to a region "
             "until the first chunk arrived.",
@@ -52,7 +52,7 @@ class Metrics:
             "timeouts, broken streams.", ["model", "region", "reason"], registry=r)
         self.tokens = counter(
             "balancer_tokens", "Tokens the regions reported in usage, by kind "
-            "(prompt, completion).", ["model", "region", "kind"], registry=r)
+            "(prompt, completion).", ["model", "region", "kind", "operation"], registry=r)
         self.selections = counter(
             "balancer_selections", "Times a region was picked and reserved for an attempt.",
             ["model", "region"], registry=r)

@@ -29,6 +29,7 @@ class StreamTap(Protocol):
 
     usage: Usage | None
     done: bool
+    object_id: str | None  # the id of the object the stream creates (a stored response)
 
     def feed(self, chunk: bytes) -> bytes: ...
 
@@ -47,6 +48,7 @@ class EventTap:
     def __init__(self, usage: Callable[[Any], Usage | None]) -> None:
         self.usage: Usage | None = None
         self.done = False
+        self.object_id: str | None = None
         self._usage_of = usage  # the operation's usage reader
         self._buffer = b""
 
@@ -98,21 +100,33 @@ class UsageTap(EventTap):
 class ResponseEventTap(EventTap):
     """Responses API streams: named events (`event: response.output_text.delta`), no
     `[DONE]`; the stream ends with `response.completed`, `.incomplete` or `.failed`,
-    whose `response.usage` settles the reservation. Every event is forwarded."""
+    whose `response.usage` settles the reservation. The first, `response.created`, names
+    the response (its id pins it to the region). Every event is forwarded."""
 
     FINAL = ("response.completed", "response.incomplete", "response.failed")
     _FINAL_BYTES = tuple(name.encode() for name in FINAL)  # cheap test before parsing
+    _CREATED = b"response.created"
 
     def __init__(self, strip_usage_chunk: bool, usage: Callable[[Any], Usage | None]):
         super().__init__(usage)  # nothing to strip: the usage rides the final event
 
     def _keep(self, event: bytes) -> bool:
-        if any(name in event for name in self._FINAL_BYTES):
+        if self.object_id is None and self._CREATED in event:
+            self._read_id(data_json(event))
+        elif any(name in event for name in self._FINAL_BYTES):
             payload = data_json(event)
             if isinstance(payload, dict) and payload.get("type") in self.FINAL:
                 self.done = True
                 self.usage = self._usage_of(payload) or self.usage
+                if self.object_id is None:
+                    self._read_id(payload)
         return True
+
+    def _read_id(self, payload: object) -> None:
+        response = payload.get("response") if isinstance(payload, dict) else None
+        ident = response.get("id") if isinstance(response, dict) else None
+        if isinstance(ident, str) and ident:
+            self.object_id = ident
 
 
 def data_json(event: bytes) -> object:

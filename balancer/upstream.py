@@ -12,14 +12,17 @@ import math
 import re
 from collections.abc import Mapping
 from typing import NamedTuple
+from urllib.parse import urlencode
 
 import aiohttp
 
 from balancer.config import Target
+from balancer.operations import Operation
 from balancer.validate import ClientRequest
 
 DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+RETRY_AFTER_TEXT = re.compile(rb"[Rr]etry after (\d{1,5}(?:\.\d{1,3})?) seconds?\b")
 
 # Network-level failures worth trying another region for.
 TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, ConnectionError)
@@ -37,12 +40,41 @@ def new_session(connect_timeout: float) -> aiohttp.ClientSession:
     )
 
 
-def url(target: Target, operation: str) -> str:
+def url(target: Target, op: Operation) -> str:
+    """Where a region serves an operation: Azure's dated routes name the deployment in
+    the path (`/openai/deployments/{deployment}/chat/completions?api-version=`) except
+    for operations without one (`/openai/responses?api-version=`); Azure v1
+    (`/openai/v1/{operation}`) and OpenAI (`{endpoint}/{operation}`) never do."""
+    return _url(target, op.name, deployment_route=op.deployment_route)
+
+
+def stored_url(target: Target, path: str, query: Mapping[str, str]) -> str:
+    """A stored object's route in its region (`responses/{id}`, `.../cancel`...), with
+    the client's query parameters (limit, after, include...) but never its api-version:
+    the region's own is what its endpoint accepts."""
+    out = _url(target, path, deployment_route=False)
+    params = [(k, v) for k, v in query.items() if k != "api-version"]
+    if params:
+        out += ("&" if "?" in out else "?") + urlencode(params)
+    return out
+
+
+def _url(target: Target, path: str, *, deployment_route: bool) -> str:
     region = target.region
-    if region.kind == "azure":
+    if region.kind == "openai":
+        return f"{region.endpoint}/{path}"
+    if region.api_version == "v1":
+        return f"{region.endpoint}/openai/v1/{path}"
+    if deployment_route:
         return (f"{region.endpoint}/openai/deployments/{target.deployment.deployment}/"
-                f"{operation}?api-version={region.api_version}")
-    return f"{region.endpoint}/{operation}"
+                f"{path}?api-version={region.api_version}")
+    return f"{region.endpoint}/openai/{path}?api-version={region.api_version}"
+
+
+def model_in_body(target: Target, op: Operation) -> bool:
+    """Whether the region reads the deployment from the body's `model` (not the path)."""
+    return target.region.kind == "openai" or target.region.api_version == "v1" \
+        or not op.deployment_route
 
 
 def headers(target: Target) -> dict[str, str]:
@@ -61,10 +93,10 @@ def headers(target: Target) -> dict[str, str]:
 def body_for(target: Target, req: ClientRequest) -> bytes:
     """The bytes to send: the client's own bytes unless the region needs a change.
     Streams always ask for the final usage chunk, so the reservation settles on real
-    usage; OpenAI-kind regions need the model field to name their deployment."""
+    usage; where the route does not name the deployment, the model field must."""
     needs_usage = req.stream and req.op.stream is not None and req.op.stream.ask_usage \
         and not req.include_usage
-    needs_model = target.region.kind == "openai" and req.body.get("model") != (
+    needs_model = model_in_body(target, req.op) and req.body.get("model") != (
         target.deployment.deployment)
     if not needs_usage and not needs_model:
         return req.raw
@@ -89,9 +121,11 @@ class Throttle(NamedTuple):
     precision: float  # inf: the region said nothing, the wait is our default
 
 
-def throttle(h: Mapping[str, str], default: float) -> Throttle:
+def throttle(h: Mapping[str, str], default: float, body: bytes = b"") -> Throttle:
     """How long a 429 asks us to wait: retry-after-ms, else retry-after, else
-    x-ratelimit-reset-tokens/-requests, else the configured default."""
+    x-ratelimit-reset-tokens/-requests, else the wait its error message names (Azure's
+    Responses API often sends no header but says "Please retry after 6 seconds."),
+    else the configured default."""
     ms = _number(h.get("retry-after-ms"))
     if ms is not None and ms >= 0:
         return Throttle(ms / 1000.0, 0.001)
@@ -104,6 +138,10 @@ def throttle(h: Mapping[str, str], default: float) -> Throttle:
     if known:
         longest = max(known)
         return Throttle(longest, 1.0 if longest.is_integer() else 0.001)
+    said = RETRY_AFTER_TEXT.search(body[:4096])  # error bodies are short; bound the scan
+    if said is not None:
+        seconds = float(said.group(1))
+        return Throttle(seconds, 1.0 if seconds.is_integer() else 0.001)
     return Throttle(default, math.inf)
 
 

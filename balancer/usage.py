@@ -25,6 +25,16 @@ def response_usage(payload: Any) -> Usage | None:
     return _read(payload, "input_tokens", "output_tokens")
 
 
+def response_deferred(payload: Any) -> bool:
+    """A background response answers at once, queued, and reports its usage only when
+    retrieved later: no usage now is not a broken answer."""
+    return isinstance(payload, dict) and payload.get("status") in ("queued", "in_progress")
+
+
+def never_deferred(payload: Any) -> bool:
+    return False
+
+
 def _read(payload: Any, prompt_key: str, completion_key: str) -> Usage | None:
     """The two counts of `payload["usage"]`; a missing completion count is 0
     (embeddings have none)."""

@@ -29,12 +29,12 @@ from aiohttp import web
 from balancer import config as config_mod
 from balancer import upstream
 from balancer.config import Config, Target
+from balancer.operations import OPERATIONS as OPS
 
 MODE = web.AppKey("mode", str)
 CONFIG = web.AppKey("config", Config)
 TARGETS = web.AppKey("targets", dict)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
-OPERATIONS = ("chat/completions", "completions", "embeddings")
 RETRY = (429, 500, 502, 503, 504)
 
 
@@ -72,7 +72,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     for target in order(targets, request.app[MODE], random)[:gw.max_attempts]:
         region = target.region.name
         try:
-            up = await session.post(upstream.url(target, op), data=raw,
+            up = await session.post(upstream.url(target, OPS[op]), data=raw,
                                     headers=upstream.headers(target), timeout=timeout)
         except upstream.TRANSPORT_ERRORS:
             last = _error(502, "The upstream region failed.", "connect")
@@ -119,7 +119,7 @@ def create_app(cfg: Config, mode: str) -> web.Application:
 
     app.cleanup_ctx.append(session)
     app.router.add_get("/healthz", healthz)
-    app.router.add_post("/v1/{op:" + "|".join(OPERATIONS) + "}", handle)
+    app.router.add_post("/v1/{op:" + "|".join(OPS) + "}", handle)
     return app
 
 

@@ -271,5 +271,5 @@ async def test_info_routes(stack: StackFactory) -> None:
                  "balancer_upstream_throttled_total", "balancer_tokens_total",
                  "balancer_remaining_tokens"):
         assert name in text
-    assert 'balancer_requests_total{model="gpt-4",region=' in text
+    assert 'balancer_requests_total{model="gpt-4",operation="chat/completions",region=' in text
     assert "sim-key" not in text

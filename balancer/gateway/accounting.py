@@ -33,14 +33,17 @@ async def settle(call: Call, grant: Grant, usage: Usage, elapsed: float) -> None
         await call.rt.store.settle(grant, charged, latency)
     call.record.prompt_tokens, call.record.completion_tokens = usage
     m = call.rt.metrics
-    call.rt.child(m.tokens, grant.model, grant.region, "prompt").inc(prompt)
-    call.rt.child(m.tokens, grant.model, grant.region, "completion").inc(completion)
+    op = call.req.op.name
+    call.rt.child(m.tokens, grant.model, grant.region, "prompt", op).inc(prompt)
+    call.rt.child(m.tokens, grant.model, grant.region, "completion", op).inc(completion)
 
 
-async def throttled(call: Call, grant: Grant, headers: Mapping[str, str]) -> float:
-    """The region said 429: refund, cool it down for as long as it asks, and learn what
-    the 429 implies of its real refill. Returns the cooldown in seconds."""
-    throttle = upstream.throttle(headers, call.gw.default_cooldown_seconds)
+async def throttled(call: Call, grant: Grant, headers: Mapping[str, str], body: bytes = b""
+                    ) -> float:
+    """The region said 429: refund, cool it down for as long as it asks (its headers,
+    else its message), and learn what the 429 implies of its real refill. Returns the
+    cooldown in seconds."""
+    throttle = upstream.throttle(headers, call.gw.default_cooldown_seconds, body)
     call.rt.metrics.upstream_throttled.labels(grant.model, grant.region).inc()
     await call.rt.store.settle(grant, 0)
     await call.rt.store.cooldown(grant.model, grant.limits, throttle.seconds,

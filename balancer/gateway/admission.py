@@ -10,7 +10,7 @@ from dataclasses import replace
 from aiohttp import web
 
 from balancer.capacity.base import Grant, Queueing, Wait
-from balancer.config import Config
+from balancer.config import AdmissionQueue, Config
 from balancer.errors import ClientError
 from balancer.gateway.call import Call
 from balancer.gateway.runtime import ModelRoute
@@ -30,7 +30,7 @@ async def admit(call: Call, route: ModelRoute, avoid: set[str]) -> Grant | Wait:
     loop = asyncio.get_running_loop()
     started = loop.time()
     if call.wait_until is None:
-        call.wait_until = started + wait_budget(call)
+        call.wait_until = started + wait_budget(call.request, aq, call.req.op.name)
         call.first_admit = started
     # The head start counts the time already spent here, so a request sent back to the
     # queue by a region's 429 takes the place it had, not the tail.
@@ -63,13 +63,12 @@ async def admit(call: Call, route: ModelRoute, avoid: set[str]) -> Grant | Wait:
                 await asyncio.shield(rt.store.dequeue(model, queue.ticket))
 
 
-def wait_budget(call: Call) -> float:
+def wait_budget(request: web.Request, aq: AdmissionQueue, operation: str) -> float:
     """Seconds this request may wait: `x-balancer-max-wait-ms`, else the operation's
     default, capped by `admission_queue.max_wait_ms`."""
-    aq = call.config.admission_queue
-    raw = call.request.headers.get("x-balancer-max-wait-ms")
+    raw = request.headers.get("x-balancer-max-wait-ms")
     if raw is None:
-        ms = aq.default_wait_ms.get(call.req.op.name, 0)
+        ms = aq.default_wait_ms.get(operation, 0)
     else:
         try:
             ms = int(raw)

@@ -18,8 +18,9 @@ from balancer.capacity.factory import create_store
 from balancer.config import Config
 from balancer.gateway.clients import client_keys
 from balancer.gateway.middleware import add_request_id, openai_errors
-from balancer.gateway.proxy import azure_route, openai_route
+from balancer.gateway.proxy import azure_dated_route, azure_route, openai_route
 from balancer.gateway.runtime import RUNTIME, Runtime
+from balancer.gateway.stored import ACTIONS, stored_route
 from balancer.metrics import Metrics
 from balancer.operations import OPERATIONS
 
@@ -46,16 +47,35 @@ def create_app(config: Config, *, store: CapacityStore | None = None,
     app.cleanup_ctx.append(_loop_lag_probe)
     app.cleanup_ctx.append(_access_log_writer)
     app.on_response_prepare.append(add_request_id)
-    for op in OPERATIONS.values():
-        app.router.add_post(op.openai_path, openai_route(op))
-    names = "|".join(OPERATIONS)
-    app.router.add_post(f"/openai/deployments/{{model}}/{{operation:{names}}}", azure_route)
+    add_api_routes(app.router)
     app.router.add_get("/v1/models", admin.list_models)
+    app.router.add_get("/openai/v1/models", admin.list_models)
     app.router.add_get("/healthz", admin.healthz)
     app.router.add_get("/readyz", admin.readyz)
     app.router.add_get("/regions", admin.regions)
     app.router.add_get("/metrics", admin.metrics)
     return app
+
+
+def add_api_routes(router: web.UrlDispatcher) -> None:
+    """Every operation on each route shape clients use:
+    - OpenAI `/v1/{op}` and Azure v1 `/openai/v1/{op}`: the model group is the body's;
+    - Azure dated `/openai/deployments/{model}/{op}?api-version=`, or `/openai/{op}?...`
+      for operations Azure serves without a deployment in the path (responses);
+    - for operations that store what they create, the calls on it by id, under each of
+      the three prefixes (`/v1`, `/openai/v1`, and `/openai` with an api-version)."""
+    for op in OPERATIONS.values():
+        router.add_post(op.openai_path, openai_route(op))
+        router.add_post(f"/openai/v1/{op.name}", openai_route(op))
+        if not op.deployment_route:
+            router.add_post(f"/openai/{op.name}", azure_dated_route(op))
+    names = "|".join(name for name, op in OPERATIONS.items() if op.deployment_route)
+    router.add_post(f"/openai/deployments/{{model}}/{{operation:{names}}}", azure_route)
+    for op in (op for op in OPERATIONS.values() if op.stateful):
+        for prefix, dated in (("/v1", False), ("/openai/v1", False), ("/openai", True)):
+            for method, suffix, action in ACTIONS:
+                router.add_route(method, f"{prefix}/{op.name}/{{id}}{suffix}",
+                                 stored_route(op, suffix, action, dated=dated))
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:

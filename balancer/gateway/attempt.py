@@ -13,6 +13,7 @@ from balancer import upstream
 from balancer.capacity.base import Grant
 from balancer.config import Target
 from balancer.gateway.accounting import learn_remaining, region_failed, region_ok, settle, throttled
+from balancer.gateway.affinity import remember
 from balancer.gateway.call import Call, Failure
 from balancer.gateway.relay import relay_body, relay_stream
 from balancer.upstream import TRANSPORT_ERRORS
@@ -32,7 +33,7 @@ async def forward(call: Call, grant: Grant, target: Target, remaining: float
     assert session is not None
     sent = time.perf_counter()
     try:
-        up = await session.post(upstream.url(target, req.op.name),
+        up = await session.post(upstream.url(target, req.op),
                                 data=upstream.body_for(target, req),
                                 headers=upstream.headers(target), timeout=timeout)
     except TRANSPORT_ERRORS as exc:
@@ -40,21 +41,21 @@ async def forward(call: Call, grant: Grant, target: Target, remaining: float
         # A timed-out request may still be running upstream: keep its reservation.
         await region_failed(call, grant, reason, refund=reason == "connect")
         return Failure(reason, region, 504 if reason == "timeout" else 502, b"")
-    call.rt.child(call.rt.metrics.upstream_latency, req.model, region).observe(
+    call.rt.child(call.rt.metrics.upstream_latency, req.model, region, req.op.name).observe(
         time.perf_counter() - sent)
 
     async with up:
         status = up.status
         if status == 429:
-            body = await _read_quietly(up)
-            wait = await throttled(call, grant, up.headers)
+            body = await read_quietly(up)
+            wait = await throttled(call, grant, up.headers, body)
             return Failure("throttled", region, 429, body, retry_after=wait)
         if status >= 500 or status in REGION_FAULTS:
-            body = await _read_quietly(up)
+            body = await read_quietly(up)
             await region_failed(call, grant, f"status_{status // 100}xx", refund=True)
             return Failure(f"status_{status // 100}xx", region, status, body)
         if status >= 400:  # the request itself is wrong: the same answer everywhere
-            body = await _read_quietly(up)
+            body = await read_quietly(up)
             await call.rt.store.settle(grant, 0)
             await region_ok(call, grant)
             return relay_body(status, body, up, region)
@@ -62,19 +63,24 @@ async def forward(call: Call, grant: Grant, target: Target, remaining: float
             return await relay_stream(call, grant, up, sent)
         try:
             body = await up.read()
-            usage = req.op.usage(json.loads(body))
+            payload = json.loads(body)
         except (*TRANSPORT_ERRORS, ValueError):
-            usage = None
-        if usage is None:  # 200 with a body we cannot read: the region is broken
+            payload = None
+        usage = req.op.usage(payload)
+        deferred = usage is None and req.op.deferred(payload)
+        if usage is None and not deferred:  # 200 with a body we cannot read: broken region
             await region_failed(call, grant, "bad_response", refund=False)
             return Failure("bad_response", region, 502, b"")
         await learn_remaining(call, grant, up.headers)
-        await settle(call, grant, usage, time.perf_counter() - sent)
+        if usage is not None:  # deferred: the reservation stands for the work to come
+            await settle(call, grant, usage, time.perf_counter() - sent)
+        if req.op.stateful:  # before the client can learn the id and ask another replica
+            await remember(call, region, payload.get("id"), sum(usage or (0, 0)))
         await region_ok(call, grant)
         return relay_body(status, body, up, region)
 
 
-async def _read_quietly(up: aiohttp.ClientResponse) -> bytes:
+async def read_quietly(up: aiohttp.ClientResponse) -> bytes:
     try:
         return await up.read()
     except TRANSPORT_ERRORS:

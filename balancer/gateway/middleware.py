@@ -47,10 +47,11 @@ async def openai_errors(request: web.Request, handler):  # type: ignore[no-untyp
     if record.model is not None:
         if not response.prepared:  # streams count themselves once relayed
             rt.child(rt.metrics.requests, record.model, record.region or "none",
-                     str(response.status)).inc()
+                     str(response.status), record.operation).inc()
         rt.access.write({
             "request_id": request_id, "method": request.method, "path": request.path,
-            "model": record.model, "region": record.region, "attempts": record.attempts,
+            "model": record.model, "operation": record.operation, "region": record.region,
+            "attempts": record.attempts,
             "status": response.status,
             "latency_ms": round((time.perf_counter() - started) * 1000, 2),
             "prompt_tokens": record.prompt_tokens,

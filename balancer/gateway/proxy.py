@@ -7,7 +7,9 @@
            after the response: SETTLE (reserved vs actual usage) + metrics
 
 Retries happen only before the first byte reaches the client. What differs between
-API operations (chat, completions, embeddings...) comes from `balancer.operations`.
+API operations (chat, completions, embeddings, responses) comes from
+`balancer.operations`; a create continuing a stored response is narrowed to the region
+holding it (`affinity`). Calls on a stored response by id are `stored`'s.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from aiohttp import web
 from balancer import errors, validate
 from balancer.capacity.base import Wait
 from balancer.errors import ClientError
+from balancer.gateway import affinity
 from balancer.gateway.admission import admit, priority_of
 from balancer.gateway.attempt import forward
 from balancer.gateway.call import Call, Failure
 from balancer.gateway.clients import authorize, read_body
-from balancer.gateway.runtime import RECORD, RUNTIME
+from balancer.gateway.runtime import RECORD, RUNTIME, ModelRoute
 from balancer.operations import OPERATIONS, Operation
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -34,8 +37,18 @@ API_VERSION = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}(-preview)?")
 
 
 def openai_route(op: Operation) -> Handler:
-    """`POST /v1/{operation}`: the model group is the body's `model`."""
+    """`POST /v1/{operation}` and Azure's `/openai/v1/{operation}`: the model group is
+    the body's `model`."""
     async def handle(request: web.Request) -> web.StreamResponse:
+        return await proxy(request, op, None)
+    return handle
+
+
+def azure_dated_route(op: Operation) -> Handler:
+    """`POST /openai/{operation}?api-version=` (the Responses API): the model group is
+    the body's `model`."""
+    async def handle(request: web.Request) -> web.StreamResponse:
+        check_api_version(request)
         return await proxy(request, op, None)
     return handle
 
@@ -43,6 +56,14 @@ def openai_route(op: Operation) -> Handler:
 async def azure_route(request: web.Request) -> web.StreamResponse:
     """`POST /openai/deployments/{model}/{operation}?api-version=`: the model group is
     the path's deployment name."""
+    check_api_version(request)
+    op = OPERATIONS[request.match_info["operation"]]
+    return await proxy(request, op, request.match_info["model"])
+
+
+def check_api_version(request: web.Request) -> None:
+    """Azure's dated routes need an api-version, as Azure does. Its value only has to
+    be well formed: each region is called with its own (`regions.yaml`)."""
     api_version = request.query.get("api-version")
     if not api_version:
         raise ClientError(400, "Missing the api-version query parameter.", "missing_api_version",
@@ -50,8 +71,15 @@ async def azure_route(request: web.Request) -> web.StreamResponse:
     if not API_VERSION.fullmatch(api_version):
         raise ClientError(400, "Unsupported api-version: use the form YYYY-MM-DD[-preview].",
                           "invalid_api_version", param="api-version")
-    op = OPERATIONS[request.match_info["operation"]]
-    return await proxy(request, op, request.match_info["model"])
+
+
+def model_route(routes: dict[str, ModelRoute], model: str) -> ModelRoute:
+    route = routes.get(model)
+    if route is None:
+        raise ClientError(404, f"The model '{model[:256]}' does not exist or you do not "
+                          "have access to it.", "model_not_found", param="model",
+                          reason="not_found")
+    return route
 
 
 async def proxy(request: web.Request, op: Operation, path_model: str | None
@@ -63,19 +91,23 @@ async def proxy(request: web.Request, op: Operation, path_model: str | None
                           rt.config.gateway.body_timeout_seconds)
     req = validate.parse(op, raw, path_model)
     config, routes = rt.config, rt.routes  # this request keeps them, whatever a reload does
-    route = routes.get(req.model)
-    if route is None:
-        raise ClientError(404, f"The model '{req.model[:256]}' does not exist or you do not "
-                          "have access to it.", "model_not_found", param="model",
-                          reason="not_found")
+    route = model_route(routes, req.model)
     # Only a configured model names a metric series or an access-log line: a client
     # sending made-up names must not grow /metrics (or the logs) without bound.
-    record.model = req.model
-    estimate = op.estimate(req.body, route.default_max_tokens)
+    record.model, record.operation = req.model, op.name
+    context = 0
+    if op.stateful:  # continuing a stored response: only its region, and its context
+        route, context = await affinity.continued(rt, req, route)
+    estimate = op.estimate(req.body, route.default_max_tokens, context)
     call = Call(rt, request, req, estimate, config, record,
                 priority=priority_of(request, config, key_class))
+    return await attempts(call, route)
 
-    gw = call.gw
+
+async def attempts(call: Call, route: ModelRoute) -> web.StreamResponse:
+    """Admit, forward, and on a retryable failure try again (elsewhere unless the
+    region only asked us to slow down), within the deadline and `max_attempts`."""
+    rt, gw, model, record = call.rt, call.gw, call.req.model, call.record
     loop = asyncio.get_running_loop()
     deadline = loop.time() + gw.deadline_seconds
     avoid: set[str] = set()  # regions that failed this request (a 429 cools down instead)
@@ -88,12 +120,12 @@ async def proxy(request: web.Request, op: Operation, path_model: str | None
         if isinstance(grant, Wait):
             if failure is None:
                 rt.metrics.rejections.labels("no_capacity").inc()
-                return errors.no_capacity(req.model, grant.retry_after)
+                return errors.no_capacity(model, grant.retry_after)
             break
         if failure is not None:
-            rt.metrics.retries.labels(req.model, failure.reason).inc()
+            rt.metrics.retries.labels(model, failure.reason).inc()
         record.attempts, record.region = attempt, grant.region
-        rt.child(rt.metrics.selections, req.model, grant.region).inc()
+        rt.child(rt.metrics.selections, model, grant.region).inc()
         outcome = await forward(call, grant, route.targets[grant.region], remaining)
         if isinstance(outcome, web.StreamResponse):
             return outcome
@@ -101,5 +133,5 @@ async def proxy(request: web.Request, op: Operation, path_model: str | None
         if failure.reason != "throttled":
             avoid.add(grant.region)
     if failure is None:  # the deadline passed before any attempt
-        return errors.no_capacity(req.model, gw.default_cooldown_seconds)
+        return errors.no_capacity(model, gw.default_cooldown_seconds)
     return failure.response()

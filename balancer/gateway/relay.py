@@ -16,6 +16,7 @@ from aiohttp import web
 
 from balancer.capacity.base import Grant
 from balancer.gateway.accounting import learn_remaining, region_failed, region_ok, settle
+from balancer.gateway.affinity import remember
 from balancer.gateway.call import Call, Failure
 from balancer.sse import error_event
 from balancer.upstream import TRANSPORT_ERRORS
@@ -54,6 +55,7 @@ async def relay_stream(call: Call, grant: Grant, up: aiohttp.ClientResponse, sen
     broken: str | None = None
     client_gone = False
     chunks = _chunks(up, first)
+    pinned = not req.op.stateful
     while True:
         try:
             chunk = await anext(chunks, None)
@@ -61,6 +63,9 @@ async def relay_stream(call: Call, grant: Grant, up: aiohttp.ClientResponse, sen
             broken = "timeout" if isinstance(exc, TimeoutError) else "stream_broken"
             break
         out = tap.feed(chunk) if chunk is not None else tap.flush()
+        if tap.object_id is not None and not pinned:  # before the client sees the id
+            pinned = True
+            await remember(call, region, tap.object_id, 0)
         if out:
             try:
                 await response.write(out)
@@ -83,11 +88,36 @@ async def relay_stream(call: Call, grant: Grant, up: aiohttp.ClientResponse, sen
     if tap.usage is not None:
         await learn_remaining(call, grant, up.headers)
         await settle(call, grant, tap.usage, time.perf_counter() - sent)
+        if req.op.stateful and tap.object_id is not None:  # now its context is known
+            await remember(call, region, tap.object_id, sum(tap.usage))
     if not broken:
         await region_ok(call, grant)
     if not client_gone:
         await response.write_eof()
-    call.rt.child(call.rt.metrics.requests, req.model, region, "200").inc()
+    call.rt.child(call.rt.metrics.requests, req.model, region, "200", req.op.name).inc()
+    return response
+
+
+async def relay_events(request: web.Request, up: aiohttp.ClientResponse, region: str
+                       ) -> web.StreamResponse:
+    """Relay a stream as it comes, reading nothing (a stored response replayed): no
+    reservation rides on it. A break ends it with an error event, as any stream."""
+    response = web.StreamResponse(status=up.status, headers={
+        "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+        "x-balancer-region": region})
+    await response.prepare(request)
+    try:
+        async for chunk in up.content.iter_any():
+            await response.write(chunk)
+    except CLIENT_GONE:
+        return response
+    except TRANSPORT_ERRORS:
+        try:
+            await response.write(error_event("The upstream region broke the stream.",
+                                             "stream_broken"))
+        except CLIENT_GONE:
+            return response
+    await response.write_eof()
     return response
 
 

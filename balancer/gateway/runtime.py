@@ -40,6 +40,15 @@ class ModelRoute:
     limits: tuple[Limits, ...]
     default_max_tokens: int
 
+    def only(self, region: str) -> ModelRoute | None:
+        """The route narrowed to one region (where a stored response lives), or None
+        when the model has no deployment there."""
+        target = self.targets.get(region)
+        if target is None:
+            return None
+        return ModelRoute({region: target}, tuple(x for x in self.limits if x.region == region),
+                          self.default_max_tokens)
+
 
 def limits_for(target: Target, config: Config) -> Limits:
     gw, learn, lat = config.gateway, config.learned_capacity, config.latency_weighting
@@ -118,6 +127,7 @@ class Record:
 
     request_id: str
     model: str | None = None
+    operation: str = "none"  # metric label: an operation's name, or an action on a stored one
     region: str | None = None
     attempts: int = 0
     prompt_tokens: int | None = None
