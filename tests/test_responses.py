@@ -295,3 +295,50 @@ async def test_background_response_cancelled_through_the_other_replica(pair: Pai
     assert sum(s["not_found"] for s in stats.values()) == 0
     await first.close()
     await second.close()
+
+
+async def test_a_stream_cut_before_its_final_event_keeps_the_reservation(pair: Pair) -> None:
+    """No final event, no usage: nothing is settled (the reservation stands, as for any
+    stream cut), the region counts a broken stream, and the client gets an error event."""
+    async with aiohttp.ClientSession() as s:
+        for region in ("east", "west", "oai"):
+            async with s.post(f"{pair.sim_url}/_sim/regions/{region}",
+                              json={"reset_after_chunks": 3}) as r:
+                assert r.status == 200
+        body = {"model": "gpt-4", "input": "x" * 400, "max_output_tokens": 64, "stream": True}
+        async with s.post(pair.urls[0] + "/v1/responses", json=body) as r:
+            assert r.status == 200
+            text = await r.text()
+            region = r.headers["x-balancer-region"]
+        async with s.get(pair.urls[0] + "/metrics") as r:
+            metrics = await r.text()
+    assert '"error"' in text and "response.completed" not in text  # the SDKs raise on it
+    assert f'reason="stream_broken",region="{region}"' in metrics
+    assert not any(line.startswith("balancer_tokens_total{") and 'operation="responses"' in line
+                   for line in metrics.splitlines())  # never settled
+
+
+HOSTILE = [
+    ("POST", "/v1/responses", b"{not json"),
+    ("POST", "/v1/responses", b'{"model": "gpt-4", "input": 42}'),
+    ("POST", "/v1/responses", b'{"model": "gpt-4", "input": "x", "max_output_tokens": -1}'),
+    ("POST", "/v1/responses", b'{"model": "gpt-4", "input": "x", "previous_response_id": 7}'),
+    ("POST", "/v1/responses", b'{"model": "gpt-4", "input": "x", "stream": "yes"}'),
+    ("POST", "/openai/v1/responses", b'{"input": "no model"}'),
+    ("POST", "/openai/responses?api-version=v1", b'{"model": "gpt-4", "input": "x"}'),
+    ("POST", "/openai/v1/responses/resp_x/cancel", b"\xff\xfe"),
+    ("GET", "/v1/responses/resp_%00%0d%0aX:y", b""),
+    ("GET", "/v1/responses/" + "a" * 5000, b""),
+    ("DELETE", "/openai/v1/responses/resp_unknown", b"{}"),
+    ("PUT", "/v1/responses/resp_x", b""),
+    ("GET", "/v1/responses/resp_x/input_items?limit=%ff", b""),
+]
+
+
+async def test_hostile_requests_on_the_new_routes_get_4xx(pair: Pair) -> None:
+    async with aiohttp.ClientSession() as s:
+        for method, path, body in HOSTILE:
+            async with s.request(method, pair.urls[1] + path, data=body,
+                                 headers={"Content-Type": "application/json"}) as r:
+                assert 400 <= r.status < 500, (method, path, r.status, await r.text())
+                assert "error" in await r.json(), (method, path)
