@@ -81,7 +81,7 @@ async def learn_remaining(call: Call, grant: Grant, headers: Mapping[str, str]) 
 async def region_failed(call: Call, grant: Grant, reason: str, *, refund: bool) -> None:
     gw, store = call.gw, call.rt.store
     call.rt.metrics.upstream_errors.labels(grant.model, grant.region, reason).inc()
-    if refund:
+    if refund and grant.tokens:  # nothing reserved (a call on a stored response): no call
         await store.settle(grant, 0)
     opened = await store.record_failure(grant.model, grant.limits, gw.circuit_failures,
                                         gw.circuit_open_seconds)

@@ -46,14 +46,9 @@ async def forward(call: Call, grant: Grant, target: Target, remaining: float
 
     async with up:
         status = up.status
-        if status == 429:
-            body = await read_quietly(up)
-            wait = await throttled(call, grant, up.headers, body)
-            return Failure("throttled", region, 429, body, retry_after=wait)
-        if status >= 500 or status in REGION_FAULTS:
-            body = await read_quietly(up)
-            await region_failed(call, grant, f"status_{status // 100}xx", refund=True)
-            return Failure(f"status_{status // 100}xx", region, status, body)
+        failure = await region_refused(call, grant, up, REGION_FAULTS)
+        if failure is not None:
+            return failure
         if status >= 400:  # the request itself is wrong: the same answer everywhere
             body = await read_quietly(up)
             await call.rt.store.settle(grant, 0)
@@ -78,6 +73,23 @@ async def forward(call: Call, grant: Grant, target: Target, remaining: float
             await remember(call, region, payload.get("id"), sum(usage or (0, 0)))
         await region_ok(call, grant)
         return relay_body(status, body, up, region)
+
+
+async def region_refused(call: Call, grant: Grant, up: aiohttp.ClientResponse,
+                         faults: tuple[int, ...]) -> Failure | None:
+    """A 429 (cool the region down as it asks) or a region fault (5xx, or one of
+    `faults`: count it toward the circuit, refund): the Failure; else None."""
+    status = up.status
+    if status == 429:
+        body = await read_quietly(up)
+        wait = await throttled(call, grant, up.headers, body)
+        return Failure("throttled", grant.region, 429, body, retry_after=wait)
+    if status >= 500 or status in faults:
+        body = await read_quietly(up)
+        reason = f"status_{status // 100}xx"
+        await region_failed(call, grant, reason, refund=True)
+        return Failure(reason, grant.region, status, body)
+    return None
 
 
 async def read_quietly(up: aiohttp.ClientResponse) -> bytes:

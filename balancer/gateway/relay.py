@@ -48,10 +48,7 @@ async def relay_stream(call: Call, grant: Grant, up: aiohttp.ClientResponse, sen
     call.rt.metrics.time_to_first_token.labels(req.model, region).observe(
         time.perf_counter() - sent)
 
-    response = web.StreamResponse(status=200, headers={
-        "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-        "x-balancer-region": region})
-    await response.prepare(call.request)
+    response = await _open_stream(call.request, 200, region)
     broken: str | None = None
     client_gone = False
     chunks = _chunks(up, first)
@@ -102,10 +99,7 @@ async def relay_events(request: web.Request, up: aiohttp.ClientResponse, region:
                        ) -> web.StreamResponse:
     """Relay a stream as it comes, reading nothing (a stored response replayed): no
     reservation rides on it. A break ends it with an error event, as any stream."""
-    response = web.StreamResponse(status=up.status, headers={
-        "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-        "x-balancer-region": region})
-    await response.prepare(request)
+    response = await _open_stream(request, up.status, region)
     try:
         async for chunk in up.content.iter_any():
             await response.write(chunk)
@@ -118,6 +112,15 @@ async def relay_events(request: web.Request, up: aiohttp.ClientResponse, region:
         except CLIENT_GONE:
             return response
     await response.write_eof()
+    return response
+
+
+async def _open_stream(request: web.Request, status: int, region: str
+                       ) -> web.StreamResponse:
+    response = web.StreamResponse(status=status, headers={
+        "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+        "x-balancer-region": region})
+    await response.prepare(request)
     return response
 
 

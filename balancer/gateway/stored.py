@@ -21,9 +21,9 @@ from balancer.capacity.base import Grant
 from balancer.cost import Estimate
 from balancer.errors import ClientError
 from balancer.gateway import affinity
-from balancer.gateway.accounting import region_failed, region_ok, throttled
+from balancer.gateway.accounting import region_failed, region_ok
 from balancer.gateway.admission import wait_budget
-from balancer.gateway.attempt import REGION_FAULTS, read_quietly
+from balancer.gateway.attempt import REGION_FAULTS, read_quietly, region_refused
 from balancer.gateway.call import Call, Failure
 from balancer.gateway.clients import authorize, read_body
 from balancer.gateway.proxy import Handler, check_api_version
@@ -32,6 +32,9 @@ from balancer.gateway.runtime import RECORD, RUNTIME
 from balancer.operations import Operation
 from balancer.upstream import TRANSPORT_ERRORS
 from balancer.validate import ClientRequest
+
+# Here a 404 is the answer (no such response there), not a misconfigured region.
+FAULTS = tuple(status for status in REGION_FAULTS if status != 404)
 
 # The actions on a stored object: (HTTP method, path after its id, metric label suffix).
 ACTIONS = (
@@ -105,14 +108,10 @@ async def on_stored(request: web.Request, op: Operation, suffix: str, action: st
         time.perf_counter() - sent)
     async with up:
         status = up.status
-        if status == 429:
-            body = await read_quietly(up)
-            wait = await throttled(call, grant, up.headers, body)
-            return Failure("throttled", pin.region, 429, body, retry_after=wait).response()
-        if status >= 500 or (status in REGION_FAULTS and status != 404):
-            body = await read_quietly(up)
-            await region_failed(call, grant, f"status_{status // 100}xx", refund=False)
-            return Failure(f"status_{status // 100}xx", pin.region, status, body).response()
+        # No other region to retry: the failure goes to the client as it is.
+        failure = await region_refused(call, grant, up, FAULTS)
+        if failure is not None:
+            return failure.response()
         if status == 404 or (status < 300 and request.method == "DELETE"):
             await rt.store.unpin(response_id)  # gone there (expired, deleted): gone here
         if status < 300 and up.content_type == "text/event-stream":  # retrieve, streamed
