@@ -19,8 +19,10 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	touch $(BENCH_STAMP)
 
-## The three benchmarks with default settings (about 8 minutes): Markdown tables on stdout,
-## bench/results/{balance,overhead,scenarios}-*.json and bench/results/latest.png. They need
+## The three benchmarks with default settings (about 9 minutes; balance twice: chat, then
+## Responses API traffic, naive and redis only): Markdown tables on stdout,
+## bench/results/{balance,balance-responses,overhead,scenarios}-*.json and
+## bench/results/latest.png (chat's balance run). They need
 ## redis-server and, for the overhead one, wrk: installed with apt-get when missing and
 ## possible (root), else the overhead benchmark falls back to Python load processes.
 bench: $(BENCH_STAMP)
@@ -34,6 +36,7 @@ bench: $(BENCH_STAMP)
 	  else echo "missing:$$missing (apt-get install$$missing)"; fi; \
 	fi
 	$(BIN)/balancer bench balance $(BALANCE_ARGS)
+	$(BIN)/balancer bench balance --operation responses --strategies naive,redis $(BALANCE_RESPONSES_ARGS)
 	$(BIN)/balancer bench overhead $(OVERHEAD_ARGS)
 	$(BIN)/balancer bench scenarios $(SCENARIOS_ARGS)
 

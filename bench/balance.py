@@ -18,6 +18,11 @@ Strategies, side by side in one run:
 Delivered TPM = the estimated cost (prompt + max_tokens, what Azure's quota counter
 charges) of the requests the regions admitted, per simulated minute, over the steady
 state (after the first simulated minute), as a share of the total configured TPM.
+
+`--operation responses` sends the same mix (same seed: the same prompts, budgets and
+streams) as Responses API calls, POST /v1/responses with `input` and `max_output_tokens`,
+which the simulated Azure regions answer as Azure does: remaining-quota headers of -1
+and 429s without retry-after. Its record is balance-responses-<time>.json.
 """
 
 from __future__ import annotations
@@ -38,10 +43,13 @@ from balancer import config as config_mod
 from balancer.config import ConfigError
 from balancer.operations import OPERATIONS
 from bench import report
+from bench.loadgen import OPERATIONS as LOAD_OPERATIONS
 from bench.loadgen import Mix, merge
 from bench.procs import PYTHON, ROOT, Procs, get_json
 
-CHAT = OPERATIONS["chat/completions"]
+# --operation: how the title and the notes name the requests
+OPERATION_TITLES = {"chat": "Chat completions (POST /v1/chat/completions)",
+                    "responses": "Responses API (POST /v1/responses)"}
 
 SIM_KEY = "bench-key"
 API_VERSION = "2024-06-01"
@@ -57,7 +65,7 @@ def later_policies_for(time_scale: float) -> dict[str, dict[str, Any]]:
         "latency-aware weighting": {"latency_weighting": {"enabled": True}},
         f"admission queue (requests wait up to 10 simulated s = {wait_ms} ms)": {
             "admission_queue": {"enabled": True, "default_wait_ms": {
-                "chat/completions": wait_ms, "completions": wait_ms}}},
+                "chat/completions": wait_ms, "completions": wait_ms, "responses": wait_ms}}},
     }
 
 
@@ -142,13 +150,15 @@ def later_policies(time_scale: float) -> tuple[dict[str, Any], list[str], list[s
 
 
 def mean_cost(mix: Mix, samples: int = 4000) -> float:
-    """Mean estimated cost (prompt + max_tokens) of the mix, as the gateway and the
-    simulator count it."""
+    """Mean estimated cost (prompt + max_tokens or max_output_tokens) of the mix, as the
+    gateway and the simulator count it: with the estimator of the mix's operation, so
+    chat and Responses API bodies of one seed cost the same."""
+    operation = OPERATIONS[LOAD_OPERATIONS[mix.operation]]
     rng = random.Random(12345)
     total = 0
     for _ in range(samples):
         body = mix.body(rng)
-        total += CHAT.estimate(body, 1024).total
+        total += operation.estimate(body, 1024).total
     return total / samples
 
 
@@ -236,6 +246,7 @@ def run_strategy(strategy: Strategy, regions: list[Region], keep: dict[str, Any]
                    "--prompt-tokens", "{}:{}".format(*mix.prompt_tokens),
                    "--max-tokens", "{}:{}".format(*mix.max_tokens),
                    "--stream-fraction", str(mix.stream_fraction),
+                   "--operation", mix.operation,
                    "--seed", str(args.seed * 100 + i), "--out", str(out)]
             for url in replicas[i % len(replicas):] + replicas[:i % len(replicas)]:
                 cmd += ["--target", url]
@@ -304,6 +315,10 @@ def analyse(strategy: Strategy, regions: list[Region],
             "calls": final["requests"], "throttled": final["throttled"],
             "peak_window_tokens": final["peak_window_tokens"]}
     admitted_tpm = sum(v["admitted_tpm"] for v in per_region.values())
+    for r in regions:  # the split of the admitted tokens, against the split of the TPM
+        v = per_region[r.name]
+        v["share"] = v["admitted_tpm"] / admitted_tpm if admitted_tpm else 0.0
+        v["tpm_share"] = r.tpm / total_tpm
     whole_admitted = sum(delta("admitted_tokens", r.name, started, load_end) for r in regions)
     calls = sum(v["calls"] for v in per_region.values())
     throttled = sum(v["throttled"] for v in per_region.values())
@@ -316,6 +331,8 @@ def analyse(strategy: Strategy, regions: list[Region],
     return {
         "key": strategy.key, "label": strategy.label, "sections": strategy.sections,
         "delivered_tpm": admitted_tpm, "delivered": admitted_tpm / total_tpm,
+        # half the sum of |share - TPM share|: the part of the traffic off the TPM split
+        "split_error": sum(abs(v["share"] - v["tpm_share"]) for v in per_region.values()) / 2,
         "delivered_whole_run": whole_admitted / (total_tpm * args.minutes),
         "used_tpm": sum(v["used_tpm"] for v in per_region.values()),
         "upstream_calls": calls, "upstream_429": throttled,
@@ -355,8 +372,14 @@ def timeline(samples: list[tuple[float, dict[str, dict[str, int]]]], regions: li
 # --------------------------------------------------------------------------- output
 
 
+def title(record: dict[str, Any]) -> str:
+    operation = record.get("operation", "chat")
+    return "## Balancing" + ("" if operation == "chat" else f": {OPERATION_TITLES[operation]}")
+
+
 def render(record: dict[str, Any]) -> str:
     s = record["settings"]
+    operation = record.get("operation", "chat")
     results = record["strategies"]
     rows = []
     for res in results:
@@ -376,6 +399,15 @@ def render(record: dict[str, Any]) -> str:
     out.append("Per-region utilisation (admitted estimated tokens / the region's TPM, "
                "steady state):\n\n" + report.table(
                    ["region", "TPM"] + [res["label"][:3] for res in results], region_rows))
+    split_rows = []
+    for name, tpm in record["regions"].items():
+        split_rows.append([name, report.pct(tpm / record["total_tpm"])] + [
+            report.pct(res["regions"][name].get("share"), 1) for res in results])
+    split_rows.append(["off the TPM split", ""] + [
+        report.pct(res.get("split_error"), 1) for res in results])
+    out.append("Split of the admitted estimated tokens across regions, against the split of "
+               "the TPM (steady state):\n\n" + report.table(
+                   ["region", "TPM share"] + [res["label"][:3] for res in results], split_rows))
     target = record.get("targets")
     if target:
         out.append("Targets for (c):\n\n" + report.table(
@@ -393,6 +425,7 @@ def render(record: dict[str, Any]) -> str:
         f"{s['replicas']} replicas, {s['clients']} load processes; time x{s['time_scale']:g} "
         f"(a simulated minute = {60 / s['time_scale']:g} s); {s['minutes']:g} simulated "
         f"minutes per strategy, the first {s['warmup_minutes']:g} excluded as warm-up. "
+        f"Requests: {OPERATION_TITLES[operation]}. "
         "Latency: successful requests, as clients saw them (streams: until the last byte).")
     out += record["notes"]
     return "\n\n".join(out)
@@ -427,8 +460,10 @@ def plot(record: dict[str, Any], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     axes[0, 0].legend(ncol=4, fontsize=8, loc="upper right")
     axes[-1, 0].set_xlabel("simulated minutes (shaded: warm-up, excluded)")
+    what = "" if record.get("operation", "chat") == "chat" else \
+        f", {OPERATION_TITLES[record['operation']]}"
     fig.suptitle("Per-region utilisation over time (admitted estimated tokens per half "
-                 "simulated minute / TPM)", fontsize=11)
+                 f"simulated minute / TPM){what}", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
@@ -446,7 +481,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     total_tpm = sum(r.tpm for r in regions)
     span = lambda text: tuple(int(x) for x in text.split(":"))  # noqa: E731
     mix = Mix(args.model, span(args.prompt_tokens), span(args.max_tokens),
-              args.stream_fraction)
+              args.stream_fraction, args.operation)
     mc = mean_cost(mix)
     rate = args.demand * total_tpm * args.time_scale / 60 / mc
     notes: list[str] = []
@@ -480,8 +515,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           f"{res['client']['rejected_429']:.1%}")
             results.append(res)
     record: dict[str, Any] = {
-        "kind": "balance", "machine": report.machine(),
-        "settings": {"config": args.config, "model": args.model, "demand": args.demand,
+        "kind": "balance", "operation": mix.operation, "machine": report.machine(),
+        "settings": {"config": args.config, "model": args.model, "operation": mix.operation,
+                     "demand": args.demand,
                      "time_scale": args.time_scale, "minutes": args.minutes,
                      "warmup_minutes": args.warmup_minutes, "replicas": args.replicas,
                      "clients": args.clients, "rate": rate, "mean_cost": mc,
@@ -516,6 +552,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the regions and TPM to simulate (default: the repository's "
                         "regions.yaml)")
     p.add_argument("--model", default="gpt-4")
+    p.add_argument("--operation", choices=list(LOAD_OPERATIONS), default="chat",
+                   help="the requests: chat (/v1/chat/completions) or responses "
+                        "(/v1/responses, the Responses API) (chat)")
     p.add_argument("--demand", type=float, default=1.25,
                    help="offered load as a multiple of total TPM (1.25)")
     p.add_argument("--time-scale", type=float, default=10.0,
@@ -551,17 +590,23 @@ def execute(args: argparse.Namespace) -> int:
     when = report.stamp()
     record = run(args)
     record["seconds"] = round(time.monotonic() - started, 1)
-    print("## Balancing\n\n" + render(record) + "\n")
+    print(title(record) + "\n\n" + render(record) + "\n")
     if not args.no_write:
-        png = plot(record, args.out_dir / f"balance-{when}.png")
+        # Chat keeps its file names (balance-latest.json, latest.png: BENCHMARKS.md's);
+        # another operation writes beside them, balance-<operation>-*.
+        kind = "balance" if args.operation == "chat" else f"balance-{args.operation}"
+        png = plot(record, args.out_dir / f"{kind}-{when}.png")
         if png is None:
             print("PNG: skipped (matplotlib is not installed: pip install -e '.[bench]')")
-        else:
+        elif args.operation == "chat":
             latest = args.out_dir / "latest.png"
             shutil.copyfile(png, latest)
             record["png"] = str(png)
             print(f"PNG: {png} (and {latest})")
-        path = report.write_json("balance", record, args.out_dir, when)
+        else:
+            record["png"] = str(png)
+            print(f"PNG: {png}")
+        path = report.write_json(kind, record, args.out_dir, when)
         print(f"record: {path}")
     return 0
 

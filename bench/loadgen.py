@@ -6,6 +6,10 @@ fleet of independent workers, and reports what the clients saw.
 Open loop matters: a closed loop (wait for an answer before sending the next)
 slows down when the gateway does, hiding overload. Several processes can share
 one load; each writes its own JSON report (`--out`), merged with `merge`.
+
+`--operation responses` sends the same mix as Responses API calls (`POST /v1/responses`,
+`input` and `max_output_tokens`); the report is the same: its `usage.input_tokens` /
+`output_tokens` count as prompt / completion tokens.
 """
 
 from __future__ import annotations
@@ -22,26 +26,41 @@ from typing import Any
 
 import aiohttp
 
+# --operation: the path after /v1/ each one is sent to
+OPERATIONS = {"chat": "chat/completions", "responses": "responses"}
+# The last event of a Responses API stream: it carries the response, usage included.
+RESPONSE_FINAL = ("response.completed", "response.incomplete", "response.failed")
+
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
          "november oscar papa quebec romeo sierra tango uniform victor whiskey").split()
 
 
 @dataclass
 class Mix:
-    """The request mix: token ranges are inclusive; a prompt token is ~4 characters."""
+    """The request mix: token ranges are inclusive; a prompt token is ~4 characters.
+    `operation` (chat | responses) only shapes the bodies: one seed draws the same
+    prompts, budgets and streams, hence the same estimated costs, for both."""
 
     model: str = "gpt-4"
     prompt_tokens: tuple[int, int] = (200, 3000)
     max_tokens: tuple[int, int] = (50, 1000)
     stream_fraction: float = 0.2
+    operation: str = "chat"
+
+    @property
+    def path(self) -> str:
+        return f"/v1/{OPERATIONS[self.operation]}"
 
     def body(self, rng: random.Random) -> dict[str, Any]:
         n = rng.randint(*self.prompt_tokens)
         # ~4 chars per token; a word of the list plus a space is ~6 chars
         text = " ".join(rng.choice(WORDS) for _ in range(max(1, n * 4 // 6)))
-        body: dict[str, Any] = {"model": self.model,
-                                "messages": [{"role": "user", "content": text}],
-                                "max_tokens": rng.randint(*self.max_tokens)}
+        budget = rng.randint(*self.max_tokens)
+        body: dict[str, Any] = {"model": self.model}
+        if self.operation == "responses":  # one user message, as a plain string
+            body |= {"input": text, "max_output_tokens": budget}
+        else:
+            body |= {"messages": [{"role": "user", "content": text}], "max_tokens": budget}
         if rng.random() < self.stream_fraction:
             body["stream"] = True
         return body
@@ -68,29 +87,87 @@ class Report:
         return out
 
 
+class Failed(Exception):
+    """A 200 whose answer failed: an error event in a stream, a Responses API stream cut
+    before its final event, or a response whose status is `failed`."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind = kind
+
+
+async def chat_stream(r: aiohttp.ClientResponse) -> dict[str, Any] | None:
+    """`data:` chunks; the usage rides the last one when asked for."""
+    usage = None
+    async for line in r.content:
+        if line.startswith(b"data: {"):
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise Failed("stream", json.dumps(event))
+            usage = event.get("usage") or usage
+    return usage
+
+
+async def response_stream(r: aiohttp.ClientResponse) -> dict[str, Any] | None:
+    """Named events; the stream ends with response.completed (or .incomplete, like chat's
+    finish_reason "length", a success) whose `response.usage` is the usage; .failed, an
+    error event or an end without a final event is a failure. There is no [DONE]: read on
+    to the end of the body, as for chat (leaving at the final event would close the
+    connection under the server's last write)."""
+    final: dict[str, Any] | None = None
+    async for line in r.content:
+        if not line.startswith(b"data: {"):
+            continue
+        event = json.loads(line[6:])
+        kind = event.get("type")
+        if kind == "error" or "error" in event:  # the API's error event, or the gateway's
+            raise Failed("stream", json.dumps(event))
+        if kind in RESPONSE_FINAL:
+            final = event.get("response") or {}
+            if kind == "response.failed":
+                raise Failed("failed", json.dumps(final.get("error")))
+    if final is None:
+        raise Failed("truncated", "the stream ended without response.completed")
+    return response_usage(final)
+
+
+def response_usage(response: dict[str, Any]) -> dict[str, Any] | None:
+    """A response's usage in chat's terms, so that the report reads the same."""
+    usage = response.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("input_tokens", 0), usage.get("output_tokens", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": usage.get("total_tokens", prompt + completion)}
+
+
 async def one(session: aiohttp.ClientSession, url: str, body: dict[str, Any], report: Report,
-              started: float, headers: dict[str, str]) -> None:
+              started: float, headers: dict[str, str], operation: str = "chat") -> None:
     t0 = time.perf_counter()
+    responses = operation == "responses"
     try:
         async with session.post(url, json=body, headers=headers) as r:
             region = r.headers.get("x-balancer-region", "none")
             usage = None
             if body.get("stream") and r.status == 200:
-                async for line in r.content:
-                    if line.startswith(b"data: {"):
-                        event = json.loads(line[6:])
-                        if "error" in event:
-                            report.statuses["error:stream"] += 1
-                            report.record_error(json.dumps(event))
-                            return
-                        usage = event.get("usage") or usage
+                usage = await (response_stream(r) if responses else chat_stream(r))
             else:
                 payload = await r.read()
                 if r.status == 200:
-                    usage = json.loads(payload).get("usage")
+                    answer = json.loads(payload)
+                    if not responses:
+                        usage = answer.get("usage")
+                    elif answer.get("status") == "failed":
+                        raise Failed("failed", json.dumps(answer.get("error")))
+                    else:
+                        usage = response_usage(answer)
                 elif r.status != 429:
                     report.record_error(f"{r.status} {payload[:200]!r}")
             status = str(r.status)
+    except Failed as exc:
+        report.statuses[f"error:{exc.kind}"] += 1
+        report.record_error(f"{exc.kind}: {exc}")
+        return
     except (aiohttp.ClientError, TimeoutError, ConnectionError, ValueError) as exc:
         report.statuses[f"error:{type(exc).__name__}"] += 1
         report.record_error(repr(exc))
@@ -108,9 +185,11 @@ async def one(session: aiohttp.ClientSession, url: str, body: dict[str, Any], re
 
 
 async def run(targets: list[str], rate: float, duration: float, mix: Mix, *, seed: int = 0,
-              api_key: str | None = None, path: str = "/v1/chat/completions",
+              api_key: str | None = None, path: str | None = None,
               max_in_flight: int = 2000) -> Report:
-    """Send `rate` requests per second for `duration` seconds, round-robin over targets."""
+    """Send `rate` requests per second for `duration` seconds, round-robin over targets,
+    to `path` (default: the mix's operation's)."""
+    path = path or mix.path
     rng = random.Random(seed)
     report = Report()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -128,7 +207,8 @@ async def run(targets: list[str], rate: float, duration: float, mix: Mix, *, see
             if due > now:
                 await asyncio.sleep(due - now)
             url = targets[report.sent % len(targets)] + path
-            task = asyncio.create_task(one(session, url, mix.body(rng), report, started, headers))
+            task = asyncio.create_task(one(session, url, mix.body(rng), report, started, headers,
+                                           mix.operation))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             report.sent += 1
@@ -161,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", default="200:3000")
     p.add_argument("--max-tokens", default="50:1000")
     p.add_argument("--stream-fraction", type=float, default=0.2)
+    p.add_argument("--operation", choices=list(OPERATIONS), default="chat",
+                   help="chat: /v1/chat/completions; responses: /v1/responses (chat)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key")
     p.add_argument("--start-at", type=float, default=0.0,
@@ -169,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write the JSON report here (default stdout)")
     args = p.parse_args(argv)
     span = lambda text: tuple(int(x) for x in text.split(":"))  # noqa: E731
-    mix = Mix(args.model, span(args.prompt_tokens), span(args.max_tokens), args.stream_fraction)
+    mix = Mix(args.model, span(args.prompt_tokens), span(args.max_tokens), args.stream_fraction,
+              args.operation)
     delay = args.start_at - time.time()
     if delay > 0:
         time.sleep(delay)

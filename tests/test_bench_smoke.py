@@ -59,6 +59,31 @@ def test_balance_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "results" / "latest.png").stat().st_size > 10_000
 
 
+def test_balance_benchmark_runs_responses_api_traffic(tmp_path: Path) -> None:
+    """`--operation responses`: the same mix as Responses API calls (POST /v1/responses),
+    which the simulated Azure regions answer with -1 remaining headers and 429s without
+    retry-after; only (c), briefly. Its record is written beside chat's, not over it."""
+    config = tmp_path / "regions.yaml"
+    config.write_text(SMALL_REGIONS)
+    stdout, seconds = bench(
+        "balance", "--operation", "responses", "--strategies", "redis", "--config",
+        str(config), "--time-scale", "30", "--minutes", "1", "--warmup-minutes", "0.5",
+        "--replicas", "1", "--clients", "1", "--out-dir", str(tmp_path / "results"),
+        timeout=60)
+    print(stdout + f"\n({seconds:.1f} s)")
+    assert "## Balancing: Responses API" in stdout and "| (c) balancer, shared Redis" in stdout
+    assert not (tmp_path / "results" / "balance-latest.json").exists()
+    record = json.loads((tmp_path / "results" / "balance-responses-latest.json").read_text())
+    assert record["operation"] == record["settings"]["operation"] == "responses"
+    (strategy,) = record["strategies"]
+    client = strategy["client"]
+    assert client["sent"] > 0 and client["ok"] > 0, client
+    assert client["tokens"].get("prompt", 0) > 0 and client["tokens"].get("completion", 0) > 0
+    others = {s: n for s, n in client["statuses"].items() if s not in ("200", "429")}
+    assert not others, (others, client["error_samples"])
+    assert strategy["upstream_calls"] > 0
+
+
 def test_overhead_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     stdout, seconds = bench(
         "overhead", "--duration", "1", "--warmup", "0", "--rounds", "1",
