@@ -7,6 +7,7 @@ after it, a broken stream ends with an error event the SDKs raise on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -90,7 +91,7 @@ async def relay_stream(call: Call, grant: Grant, up: aiohttp.ClientResponse, sen
     if not broken:
         await region_ok(call, grant)
     if not client_gone:
-        await response.write_eof()
+        await _finish(response)
     call.rt.child(call.rt.metrics.requests, req.model, region, "200", req.op.name).inc()
     return response
 
@@ -111,8 +112,15 @@ async def relay_events(request: web.Request, up: aiohttp.ClientResponse, region:
                                              "stream_broken"))
         except CLIENT_GONE:
             return response
-    await response.write_eof()
+    await _finish(response)
     return response
+
+
+async def _finish(response: web.StreamResponse) -> None:
+    """The last bytes of a stream; a client that left right after the final event
+    (it has all it wanted) is not an error."""
+    with contextlib.suppress(*CLIENT_GONE):
+        await response.write_eof()
 
 
 async def _open_stream(request: web.Request, status: int, region: str
