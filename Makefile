@@ -19,9 +19,9 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	touch $(BENCH_STAMP)
 
-## The three benchmarks with default settings (about 9 minutes; balance twice: chat, then
-## Responses API traffic, naive and redis only): Markdown tables on stdout,
-## bench/results/{balance,balance-responses,overhead,scenarios}-*.json and
+## The benchmarks with default settings (about 11 minutes; balance twice: chat, then
+## Responses API traffic, naive and redis only; then the PTU spill scenario): Markdown
+## tables on stdout, bench/results/{balance,balance-responses,overhead,scenarios,ptu}-*.json and
 ## bench/results/latest.png (chat's balance run). They need
 ## redis-server and, for the overhead one, wrk: installed with apt-get when missing and
 ## possible (root), else the overhead benchmark falls back to Python load processes.
@@ -39,6 +39,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/balancer bench balance --operation responses --strategies naive,redis $(BALANCE_RESPONSES_ARGS)
 	$(BIN)/balancer bench overhead $(OVERHEAD_ARGS)
 	$(BIN)/balancer bench scenarios $(SCENARIOS_ARGS)
+	$(BIN)/balancer bench ptu $(PTU_ARGS)
 
 ## Start the gateway on :8080 against the eight built-in simulated regions
 ## (in-process store unless REDIS_URL is set).

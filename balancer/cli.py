@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check", help="validate a regions.yaml and exit non-zero on error")
     check.add_argument("file", nargs="?", help="default: $BALANCER_CONFIG or ./regions.yaml")
     check.add_argument("--simulate", action="store_true",
-                       help="tolerate unset endpoint/key variables, as serve --simulate does")
+                       help="tolerate unset endpoint/key variables, as serve --simulate does, "
+                            "and skip getting Entra tokens for auth: entra regions")
 
     simulate = sub.add_parser("simulate", help="run simulated Azure-like regions")
     from balancer import sim
@@ -56,9 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Benchmarks live in the repository's bench/ folder, which is not part of "
                     "the installed package: run them from a clone (`make bench` runs both). "
                     "`balancer bench balance --help` lists a benchmark's options.")
-    bench.add_argument("benchmark", choices=["balance", "overhead", "scenarios"],
+    bench.add_argument("benchmark",
+                       choices=["balance", "overhead", "scenarios", "ptu"],
                        help="balance: quota delivered per strategy; overhead: cost per request; "
-                            "scenarios: each later policy ON vs OFF where it should matter")
+                            "scenarios: each later policy ON vs OFF where it should matter; "
+                            "ptu: provisioned throughput first, standard for the excess")
     bench.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's options")
 
     args = parser.parse_args(argv)
@@ -102,6 +105,19 @@ def run_check(file: str | None, *, simulate: bool = False) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
+    if not simulate and any(r.auth == "entra" for r in cfg.regions):
+        # A credential that cannot get a token fails every request to its regions:
+        # better found here than by the first client. Simulating, no identity is needed.
+        from balancer import entra
+
+        problems = asyncio.run(entra.probe(cfg.regions))
+        if problems:
+            index = {r.name: i for i, r in enumerate(cfg.regions)}
+            for region, reason in problems:
+                print(f"{path}: regions[{index[region.name]}].auth: region {region.name}: "
+                      f"cannot get a Microsoft Entra token from identity "
+                      f"{region.entra_client_id or 'default'}: {reason}", file=sys.stderr)
+            return 1
     print(f"{path}: OK: {len(cfg.regions)} regions; {_capacity_summary(cfg)}")
     return 0
 

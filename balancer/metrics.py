@@ -45,14 +45,26 @@ class Metrics:
             "until the first chunk arrived.",
             ["model", "region"], buckets=LATENCY_BUCKETS, registry=r)
         self.upstream_throttled = counter(
-            "balancer_upstream_throttled", "429 answers received from regions.",
-            ["model", "region"], registry=r)
+            "balancer_upstream_throttled", "429 answers received from regions, by the "
+            "deployment's sku: a provisioned (PTU) one answers 429 whenever it is fully "
+            "used, its normal state under load, so alerts count only sku=\"standard\".",
+            ["model", "region", "sku"], registry=r)
         self.upstream_errors = counter(
             "balancer_upstream_errors", "Failed attempts at a region: 5xx, connect errors, "
-            "timeouts, broken streams.", ["model", "region", "reason"], registry=r)
+            "timeouts, broken streams, no Entra token (reason auth).",
+            ["model", "region", "reason"], registry=r)
         self.tokens = counter(
             "balancer_tokens", "Tokens the regions reported in usage, by kind "
             "(prompt, completion).", ["model", "region", "kind", "operation"], registry=r)
+        self.spilled_requests = counter(
+            "balancer_spilled_requests", "Requests of a model that has provisioned (PTU) "
+            "deployments that a standard deployment served (the PTUs were full, cooling "
+            "down or failing, or a stored response lives there), counted once when their "
+            "usage is settled.", ["model"], registry=r)
+        self.spilled_tokens = counter(
+            "balancer_spilled_tokens", "Prompt + completion tokens, as the region reported "
+            "them, of the spilled requests (balancer_spilled_requests_total).", ["model"],
+            registry=r)
         self.selections = counter(
             "balancer_selections", "Times a region was picked and reserved for an attempt.",
             ["model", "region"], registry=r)
@@ -79,6 +91,10 @@ class Metrics:
         self.latency_per_token = region_gauge(
             "balancer_latency_per_token_seconds", "Smoothed seconds per output token of a "
             "region, shared across replicas (0 until sampled; only with latency weighting).")
+        self.deployment_utilization = region_gauge(
+            "balancer_deployment_utilization_ratio", "A provisioned deployment's utilization "
+            "(0-1) as its last response's azure-openai-deployment-utilization header said; "
+            "no series for regions that send none.")
         self.cooldown = region_gauge(
             "balancer_region_cooldown_seconds", "Seconds left before a cooled-down region "
             "is used again (0 when usable).")

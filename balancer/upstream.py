@@ -16,7 +16,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 
-from balancer.config import Target
+from balancer.config import Secret, Target
 from balancer.operations import Operation
 from balancer.validate import ClientRequest
 
@@ -77,10 +77,15 @@ def model_in_body(target: Target, op: Operation) -> bool:
         or not op.deployment_route
 
 
-def headers(target: Target) -> dict[str, str]:
-    """Auth for the region's kind. Nothing of the client's headers is forwarded:
-    a client must not be able to choose the upstream key or URL."""
+def headers(target: Target, token: Secret | None = None) -> dict[str, str]:
+    """Auth for the region's kind: its key, or for `auth: entra` the Entra `token` the
+    caller got (balancer.entra: getting one may wait, this stays pure). Nothing of the
+    client's headers is forwarded: a client must not be able to choose the upstream key
+    or URL."""
     out = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+    if token is not None:
+        out["Authorization"] = f"Bearer {token.reveal()}"
+        return out
     key = target.region.api_key
     if key is not None:
         if target.region.kind == "azure":
@@ -131,7 +136,7 @@ def throttle(h: Mapping[str, str], default: float, body: bytes = b"") -> Throttl
         return Throttle(ms / 1000.0, 0.001)
     seconds = _number(h.get("retry-after"))
     if seconds is not None and seconds >= 0:
-        return Throttle(seconds, 1.0 if seconds.is_integer() else 0.001)
+        return Throttle(seconds, _resolution(h["retry-after"]))
     resets = [_duration(h.get(name)) for name in
               ("x-ratelimit-reset-tokens", "x-ratelimit-reset-requests")]
     known = [r for r in resets if r is not None and r >= 0]
@@ -141,8 +146,16 @@ def throttle(h: Mapping[str, str], default: float, body: bytes = b"") -> Throttl
     said = RETRY_AFTER_TEXT.search(body[:4096])  # error bodies are short; bound the scan
     if said is not None:
         seconds = float(said.group(1))
-        return Throttle(seconds, 1.0 if seconds.is_integer() else 0.001)
+        return Throttle(seconds, _resolution(said.group(1).decode()))
     return Throttle(default, math.inf)
+
+
+def _resolution(value: str) -> float:
+    """How finely a number of seconds is written, its last digit: "2" to the second (the
+    wait was rounded up to it), "0.25" to the hundredth."""
+    _, dot, decimals = value.strip().partition(".")
+    digits = len(decimals.rstrip()) if dot else 0
+    return 10.0 ** -digits if digits else 1.0
 
 
 def remaining_tokens(h: Mapping[str, str]) -> int | None:
@@ -154,6 +167,26 @@ def remaining_tokens(h: Mapping[str, str]) -> int | None:
 def remaining_requests(h: Mapping[str, str]) -> int | None:
     """`x-ratelimit-remaining-requests`, as `remaining_tokens`."""
     return _remaining(h, "x-ratelimit-remaining-requests")
+
+
+def utilization(h: Mapping[str, str]) -> float | None:
+    """`azure-openai-deployment-utilization` of a provisioned deployment as a ratio 0..1,
+    or None when absent or malformed. Azure sends a percentage ("85.3%", as Microsoft's
+    azure-openai-benchmark reads it); a bare number is taken as a ratio only within 0..1,
+    since "1" or "85" without the sign cannot be told apart."""
+    value = h.get("azure-openai-deployment-utilization")
+    if value is None:
+        return None
+    value = value.strip()
+    percent = value.endswith("%")
+    number = _number(value[:-1] if percent else value)
+    if number is None or not math.isfinite(number) or number < 0:
+        return None
+    if percent:
+        number /= 100.0
+    elif number > 1:
+        return None
+    return min(number, 1.0)
 
 
 def _remaining(h: Mapping[str, str], name: str) -> int | None:

@@ -117,3 +117,17 @@ def test_scenarios_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         for run in (on, off):
             assert run["all_clients"]["sent"] > 0 and run["whole"]["upstream_calls"] > 0
             assert run["all_clients"]["errors"] == 0, run["all_clients"]["error_samples"]
+
+
+def test_ptu_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    """The PTU spill scenario with --quick (one replica, a few seconds): it runs, the
+    gateway serves every request, and the PTU and standard regions both carry some."""
+    stdout, seconds = bench("ptu", "--quick", "--out-dir", str(tmp_path), timeout=90)
+    print(stdout + f"\n({seconds:.1f} s)")
+    assert "| PTU delivered / its real TPM" in stdout
+    record = json.loads((tmp_path / "ptu-latest.json").read_text())
+    clients = record["clients"]
+    assert clients["sent"] > 0 and clients["errors"] == 0, clients["error_samples"]
+    assert record["ptu_tpm"] > 0 and record["payg_tpm"] > 0
+    assert record["spilled_requests"] > 0
+    assert set(record["targets"]) == {"client_failures", "ptu_share"}

@@ -13,7 +13,7 @@ def test_throttle_prefers_milliseconds_and_knows_its_precision() -> None:
     h = {"retry-after-ms": "250", "retry-after": "1"}
     assert upstream.throttle(h, 5.0) == (0.25, 0.001)
     assert upstream.throttle({"retry-after": "3"}, 5.0) == (3.0, 1.0)  # whole seconds
-    assert upstream.throttle({"retry-after": "0.5"}, 5.0) == (0.5, 0.001)
+    assert upstream.throttle({"retry-after": "0.5"}, 5.0) == (0.5, 0.1)  # to its last digit
     assert upstream.throttle({"x-ratelimit-reset-tokens": "6m0s"}, 5.0) == (360.0, 1.0)
     assert upstream.throttle({"x-ratelimit-reset-tokens": "120ms"}, 5.0).seconds == 0.12
     assert upstream.throttle({"retry-after": "-1"}, 5.0) == (5.0, math.inf)  # our default

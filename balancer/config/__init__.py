@@ -23,6 +23,7 @@ from balancer.config.load import DEFAULT_PATH, ConfigError, config_path, load, p
 from balancer.config.model import (
     KINDS,
     SETTLE_MODES,
+    SKUS,
     STORE_SCHEMES,
     AdmissionQueue,
     Config,
@@ -40,7 +41,7 @@ from balancer.config.model import (
 from balancer.config.schema import ENV_REF, NAME, setting
 
 __all__ = [
-    "DEFAULT_PATH", "ENV_REF", "KINDS", "NAME", "SETTLE_MODES", "STORE_SCHEMES",
+    "DEFAULT_PATH", "ENV_REF", "KINDS", "NAME", "SETTLE_MODES", "SKUS", "STORE_SCHEMES",
     "AdmissionQueue", "Config", "ConfigError", "Deployment", "GatewayConfig",
     "LatencyWeighting", "LearnedCapacity", "Listen", "Region", "Responses", "Secret", "StoreConfig",
     "Target", "config_path", "load", "parse", "setting",

@@ -14,7 +14,13 @@ from balancer.config.schema import NAME, Check, setting
 from balancer.operations import NAMES as OPERATION_NAMES
 
 KINDS = ("azure", "openai")
+# key: the region's api_key; entra: a Microsoft Entra ID bearer token (balancer.entra),
+# for resources with key auth disabled (disableLocalAuth).
+AUTH_MODES = ("key", "entra")
 SETTLE_MODES = ("quota", "usage")
+# standard: pay-as-you-go quota (TPM/RPM); provisioned: prepaid throughput units (PTU),
+# filled first within a priority tier, standard ones taking only the excess.
+SKUS = ("standard", "provisioned")
 # The one list of store URL schemes: validated here, dispatched on by capacity.factory.
 STORE_SCHEMES = ("memory", "redis", "rediss", "redis+cluster", "rediss+cluster")
 
@@ -76,6 +82,32 @@ def azure_api_version(version: str | None, region: Mapping[str, Any]) -> str | N
         return "is required for kind azure (v1, or a dated version such as 2024-10-21)"
     if not API_VERSION.fullmatch(version):
         return f"must be v1 or a date YYYY-MM-DD[-preview], got {version!r}"
+    return None
+
+
+def entra_only_for_azure(auth: str, region: Mapping[str, Any]) -> str | None:
+    if auth == "entra" and region["kind"] != "azure":
+        return "entra is only for kind azure (kind openai takes an api_key)"
+    return None
+
+
+def no_key_with_entra(key: Secret | None, region: Mapping[str, Any]) -> str | None:
+    if key is not None and region["auth"] == "entra":
+        return "remove api_key: entra regions send a bearer token"
+    return None
+
+
+# A managed identity's client ID is a GUID; a typo should fail here, not at the first token.
+GUID = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+
+
+def entra_client(client_id: str | None, region: Mapping[str, Any]) -> str | None:
+    if not client_id:  # unset, or blank (`${VAR:-}`): the default identity
+        return None
+    if region["auth"] != "entra":
+        return "is only for auth: entra"
+    if not GUID.fullmatch(client_id):
+        return f"must be a client ID (a GUID), got {client_id!r}"
     return None
 
 
@@ -149,8 +181,9 @@ class GatewayConfig:
 @dataclass(frozen=True)
 class LearnedCapacity:
     """Shrink a region's effective capacity when it shows less than configured (a 429
-    implying a slower refill than configured, or fewer remaining tokens reported than
-    the bucket holds), and recover gradually when the evidence stops (AIMD)."""
+    implying a slower refill than configured, fewer tokens admitted between two 429s
+    than its configured rate refills, or fewer remaining tokens reported than the bucket
+    holds), and recover gradually when the evidence stops (AIMD)."""
 
     min_factor: float = setting(0.2, "never believe a region has less than this share "
                                      "of its TPM", exclusive=True, maximum=1)
@@ -217,6 +250,13 @@ class Deployment:
     weight: float = setting(1.0, "relative share among equal regions", exclusive=True)
     default_max_tokens: int = setting(1024, "completion budget of requests naming none",
                                       minimum=1)
+    sku: str = setting("standard", "standard: pay-as-you-go; provisioned: PTU, used before "
+                                   "the standard deployments of its priority tier",
+                       choices=SKUS)
+
+    @property
+    def provisioned(self) -> bool:
+        return self.sku == "provisioned"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -227,8 +267,15 @@ class Region:
     endpoint: str = setting(doc="base URL", required=True, check=http_url,
                             normalize=lambda url: url.rstrip("/"),
                             simulated="http://simulated.invalid")
+    # Before api_key, whose check reads it.
+    auth: str = setting("key", "key: send api_key; entra: a Microsoft Entra ID token",
+                        choices=AUTH_MODES, check=entra_only_for_azure)
     api_key: Secret | None = setting(  # noqa: RUF009 (setting is a field specifier)
-        None, "the region's key", simulated=None)
+        None, "the region's key", simulated=None, check=no_key_with_entra)
+    entra_client_id: str | None = setting(
+        None, "a user-assigned managed identity's client ID (default: AZURE_CLIENT_ID, "
+              "else the system-assigned identity)", simulated=None, check=entra_client,
+        normalize=lambda client_id: client_id or None)
     api_version: str | None = setting(None, "Azure api-version: v1, or a dated version",
                                       check=azure_api_version)
     priority: int = setting(0, "lower is preferred; higher tiers only when lower are "

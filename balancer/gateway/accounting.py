@@ -21,7 +21,11 @@ async def settle(call: Call, grant: Grant, usage: Usage, elapsed: float) -> None
     carries this replica's pooled seconds per output token when one is due
     (balancer.latency), so an exact estimate still costs no store call."""
     prompt, completion = usage
-    if call.gw.settle == "usage":
+    route = call.rt.routes.get(grant.model)
+    provisioned = route.provisioned if route is not None else frozenset()
+    # A PTU corrects its utilisation to the real cost when a request ends (Azure's docs),
+    # unlike the standard quota counter: charge a PTU what was used, whatever `settle` says.
+    if call.gw.settle == "usage" or grant.region in provisioned:
         charged = prompt + completion
     else:
         charged = prompt + max(call.estimate.completion, completion)
@@ -36,6 +40,9 @@ async def settle(call: Call, grant: Grant, usage: Usage, elapsed: float) -> None
     op = call.req.op.name
     call.rt.child(m.tokens, grant.model, grant.region, "prompt", op).inc(prompt)
     call.rt.child(m.tokens, grant.model, grant.region, "completion", op).inc(completion)
+    if provisioned and grant.region not in provisioned:  # PTUs exist, PAYG served: spilled
+        call.rt.child(m.spilled_requests, grant.model).inc()
+        call.rt.child(m.spilled_tokens, grant.model).inc(prompt + completion)
 
 
 async def throttled(call: Call, grant: Grant, headers: Mapping[str, str], body: bytes = b""
@@ -44,7 +51,8 @@ async def throttled(call: Call, grant: Grant, headers: Mapping[str, str], body: 
     else its message), and learn what the 429 implies of its real refill. Returns the
     cooldown in seconds."""
     throttle = upstream.throttle(headers, call.gw.default_cooldown_seconds, body)
-    call.rt.metrics.upstream_throttled.labels(grant.model, grant.region).inc()
+    call.rt.metrics.upstream_throttled.labels(grant.model, grant.region,
+                                              call.rt.sku(grant.model, grant.region)).inc()
     await call.rt.store.settle(grant, 0)
     await call.rt.store.cooldown(grant.model, grant.limits, throttle.seconds,
                                  share=implied_share(call, grant, throttle, headers))
@@ -54,8 +62,10 @@ async def throttled(call: Call, grant: Grant, headers: Mapping[str, str], body: 
 def implied_share(call: Call, grant: Grant, throttle: upstream.Throttle,
                   headers: Mapping[str, str]) -> float | None:
     """What this 429 says of the region's real refill (policy.implied_share); nothing
-    with learning off."""
-    if not call.config.learned_capacity.enabled:
+    with learning off, nor from a provisioned deployment (README: its wait runs until its
+    utilization drops under 100%, not until the request's cost fits)."""
+    if not call.config.learned_capacity.enabled or \
+            call.rt.sku(grant.model, grant.region) == "provisioned":
         return None
     return policy.implied_share(grant.limits, grant.tokens, throttle.seconds,
                                 throttle.precision, upstream.remaining_tokens(headers),
@@ -76,6 +86,13 @@ async def learn_remaining(call: Call, grant: Grant, headers: Mapping[str, str]) 
     slack = learn.evidence_margin * grant.limits.tokens_capacity + grant.tokens
     if remaining < grant.level - slack:
         await call.rt.store.observe(grant.model, grant.limits, float(remaining))
+
+
+def note_utilization(call: Call, grant: Grant, headers: Mapping[str, str]) -> None:
+    """A provisioned deployment's utilization header, when it sends one, into its gauge."""
+    ratio = upstream.utilization(headers)
+    if ratio is not None:
+        call.rt.metrics.deployment_utilization.labels(grant.model, grant.region).set(ratio)
 
 
 async def region_failed(call: Call, grant: Grant, reason: str, *, refund: bool) -> None:

@@ -42,7 +42,9 @@ async def regions(request: web.Request) -> web.Response:
         for lim, state in zip(route.limits, states, strict=True):
             target = route.targets[lim.region]
             rows.append({
-                "region": lim.region, "kind": target.region.kind, "priority": lim.priority,
+                # the configured priority, not the store's tier (runtime.tier)
+                "region": lim.region, "kind": target.region.kind,
+                "priority": target.region.priority, "sku": target.deployment.sku,
                 "deployment": target.deployment.deployment, "tpm": target.deployment.tpm,
                 "rpm": target.deployment.rpm, "weight": lim.weight,
                 "tokens_remaining": round(state.tokens, 1),

@@ -1,5 +1,6 @@
 """App wiring: routes from the operation table, and one cleanup context per resource
-(upstream session, capacity store, access-log writer, event-loop lag probe)."""
+(upstream session, Entra credentials, capacity store, access-log writer, event-loop lag
+probe)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def create_app(config: Config, *, store: CapacityStore | None = None,
     app[RUNTIME] = rt
     app[admin.METRICS_RENDER] = make_aiohttp_handler(metrics.registry)
     app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_entra_credentials)
     app.cleanup_ctx.append(_store_lifecycle)
     app.cleanup_ctx.append(_loop_lag_probe)
     app.cleanup_ctx.append(_access_log_writer)
@@ -83,6 +85,12 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     rt.session = upstream.new_session(rt.config.gateway.connect_timeout_seconds)
     yield
     await rt.session.close()
+
+
+async def _entra_credentials(app: web.Application) -> AsyncIterator[None]:
+    """Credentials are made on first use (balancer.entra); closed here, with the app."""
+    yield
+    await app[RUNTIME].auth.close()
 
 
 async def _store_lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -12,7 +12,16 @@ from aiohttp import web
 from balancer import upstream
 from balancer.capacity.base import Grant
 from balancer.config import Target
-from balancer.gateway.accounting import learn_remaining, region_failed, region_ok, settle, throttled
+from balancer.entra import AuthError
+from balancer.gateway import outbound
+from balancer.gateway.accounting import (
+    learn_remaining,
+    note_utilization,
+    region_failed,
+    region_ok,
+    settle,
+    throttled,
+)
 from balancer.gateway.affinity import remember
 from balancer.gateway.call import Call, Failure
 from balancer.gateway.relay import relay_body, relay_stream
@@ -31,11 +40,15 @@ async def forward(call: Call, grant: Grant, target: Target, remaining: float
                                     sock_read=min(gw.read_timeout_seconds, remaining))
     session = call.rt.session
     assert session is not None
-    sent = time.perf_counter()
     try:
-        up = await session.post(upstream.url(target, req.op),
-                                data=upstream.body_for(target, req),
-                                headers=upstream.headers(target), timeout=timeout)
+        token = await call.rt.auth.token(target.region)  # a fetch is not the region's latency
+        sent = time.perf_counter()
+        up = await outbound.send(session, call.rt.auth, target, token, "POST",
+                                 upstream.url(target, req.op), upstream.body_for(target, req),
+                                 timeout)
+    except AuthError:  # no Entra token: this region cannot be called now, others can
+        await region_failed(call, grant, "auth", refund=True)
+        return Failure("auth", region, 502, b"")
     except TRANSPORT_ERRORS as exc:
         reason = "timeout" if isinstance(exc, TimeoutError) else "connect"
         # A timed-out request may still be running upstream: keep its reservation.
@@ -46,6 +59,7 @@ async def forward(call: Call, grant: Grant, target: Target, remaining: float
 
     async with up:
         status = up.status
+        note_utilization(call, grant, up.headers)
         failure = await region_refused(call, grant, up, REGION_FAULTS)
         if failure is not None:
             return failure

@@ -37,7 +37,7 @@ class Call:
 class Failure:
     """An attempt that may be retried elsewhere; if it is the last, the client gets it."""
 
-    reason: str  # label: throttled, status_5xx, timeout, connect, bad_response
+    reason: str  # label: throttled, status_5xx, timeout, connect, bad_response, auth
     region: str
     status: int
     body: bytes

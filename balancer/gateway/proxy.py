@@ -106,13 +106,17 @@ async def proxy(request: web.Request, op: Operation, path_model: str | None
 
 async def attempts(call: Call, route: ModelRoute) -> web.StreamResponse:
     """Admit, forward, and on a retryable failure try again (elsewhere unless the
-    region only asked us to slow down), within the deadline and `max_attempts`."""
+    region only asked us to slow down), within the deadline and `max_attempts` (which
+    a provisioned deployment's first 429 does not count against)."""
     rt, gw, model, record = call.rt, call.gw, call.req.model, call.record
     loop = asyncio.get_running_loop()
     deadline = loop.time() + gw.deadline_seconds
     avoid: set[str] = set()  # regions that failed this request (a 429 cools down instead)
+    full: set[str] = set()  # provisioned regions that answered this request 429
     failure: Failure | None = None
-    for attempt in range(1, gw.max_attempts + 1):
+    attempt, limit = 0, gw.max_attempts
+    while attempt < limit:
+        attempt += 1
         remaining = deadline - loop.time()
         if remaining <= 0:
             break
@@ -132,6 +136,11 @@ async def attempts(call: Call, route: ModelRoute) -> web.StreamResponse:
         failure = outcome
         if failure.reason != "throttled":
             avoid.add(grant.region)
+        elif grant.region in route.provisioned and grant.region not in full:
+            # A full PTU is routing, not failure (standard deployments take the excess):
+            # its first 429 costs no attempt, so PTUs cannot use up max_attempts.
+            full.add(grant.region)
+            limit += 1
     if failure is None:  # the deadline passed before any attempt
         return errors.no_capacity(model, gw.default_cooldown_seconds)
     return failure.response()

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from balancer.capacity.base import CapacityStore
 from balancer.config import Config, Target
+from balancer.entra import EntraAuth
 from balancer.latency import LatencyPools
 from balancer.logs import AccessLog
 from balancer.metrics import Metrics
@@ -39,6 +40,7 @@ class ModelRoute:
     targets: Mapping[str, Target]
     limits: tuple[Limits, ...]
     default_max_tokens: int
+    provisioned: frozenset[str] = frozenset()  # regions where the model is a PTU deployment
 
     def only(self, region: str) -> ModelRoute | None:
         """The route narrowed to one region (where a stored response lives), or None
@@ -47,7 +49,15 @@ class ModelRoute:
         if target is None:
             return None
         return ModelRoute({region: target}, tuple(x for x in self.limits if x.region == region),
-                          self.default_max_tokens)
+                          self.default_max_tokens, self.provisioned)
+
+
+def tier(target: Target) -> int:
+    """The priority tier the store sees: within a configured priority, provisioned (PTU)
+    deployments form a tier before standard ones, so policy.pick fills them first and
+    standard deployments take only what they cannot (PTU is prepaid: unused, it is lost).
+    Order-preserving for any integer priority; GET /regions shows the configured one."""
+    return target.region.priority * 2 + (0 if target.deployment.provisioned else 1)
 
 
 def limits_for(target: Target, config: Config) -> Limits:
@@ -61,7 +71,7 @@ def limits_for(target: Target, config: Config) -> Limits:
         requests_capacity=max(1.0, per_second_rpm * gw.rpm_burst_seconds),
         requests_rate=per_second_rpm * gw.time_scale,
         weight=dep.weight,
-        priority=target.region.priority,
+        priority=tier(target),
         min_factor=learn.min_factor if learn.enabled else 1.0,
         recovery_rate=learn.recovery_per_minute / 60.0 * gw.time_scale if learn.enabled else 0.0,
         latency_weight=lat.strength if lat.enabled else 0.0,
@@ -75,6 +85,7 @@ def build_routes(config: Config) -> dict[str, ModelRoute]:
             targets={t.region.name: t for t in targets},
             limits=tuple(limits_for(t, config) for t in targets),
             default_max_tokens=max(t.deployment.default_max_tokens for t in targets),
+            provisioned=frozenset(t.region.name for t in targets if t.deployment.provisioned),
         )
     return routes
 
@@ -90,6 +101,7 @@ class Runtime:
     api_keys: tuple[bytes, ...] = ()
     key_classes: tuple[str | None, ...] = ()  # aligned with api_keys
     session: aiohttp.ClientSession | None = None
+    auth: EntraAuth = field(default_factory=EntraAuth)  # tokens of `auth: entra` regions
     routes: dict[str, ModelRoute] = field(default_factory=dict)
     draining: bool = False
     in_flight: int = 0
@@ -112,6 +124,12 @@ class Runtime:
                 self.children.clear()
             found = self.children[key] = metric.labels(*labels)
         return found
+
+    def sku(self, model: str, region: str) -> str:
+        """The deployment's `sku` (a metric label), from the routing table in force."""
+        route = self.routes.get(model)
+        return "provisioned" if route is not None and region in route.provisioned \
+            else "standard"
 
     def apply(self, config: Config) -> None:
         """Switch to a new config (a reload): both fields at once, no await between."""

@@ -19,8 +19,9 @@ from aiohttp import web
 from balancer import errors, upstream
 from balancer.capacity.base import Grant
 from balancer.cost import Estimate
+from balancer.entra import AuthError
 from balancer.errors import ClientError
-from balancer.gateway import affinity
+from balancer.gateway import affinity, outbound
 from balancer.gateway.accounting import region_failed, region_ok
 from balancer.gateway.admission import wait_budget
 from balancer.gateway.attempt import REGION_FAULTS, read_quietly, region_refused
@@ -93,13 +94,16 @@ async def on_stored(request: web.Request, op: Operation, suffix: str, action: st
     call = Call(rt, request, ClientRequest(op, pin.model, {}, raw, False, False),
                 Estimate(0, 0), rt.config, record)
     assert rt.session is not None
-    sent = time.perf_counter()
     path = f"{op.name}/{response_id}{suffix}"
     try:
-        up = await rt.session.request(request.method,
-                                      upstream.stored_url(target, path, request.query),
-                                      data=raw or None, headers=upstream.headers(target),
-                                      timeout=timeout)
+        token = await rt.auth.token(target.region)
+        sent = time.perf_counter()
+        up = await outbound.send(rt.session, rt.auth, target, token, request.method,
+                                 upstream.stored_url(target, path, request.query), raw or None,
+                                 timeout)
+    except AuthError:
+        await region_failed(call, grant, "auth", refund=False)
+        return Failure("auth", pin.region, 502, b"").response()
     except TRANSPORT_ERRORS as exc:
         reason = "timeout" if isinstance(exc, TimeoutError) else "connect"
         await region_failed(call, grant, reason, refund=False)

@@ -21,7 +21,11 @@ the response it follows) is charged to a token bucket holding
 refunded after the answer. A refused request gets 429 with
 `retry-after` / `retry-after-ms` in real seconds, except on Azure's Responses API routes
 with the region's `responses_headers` "azure" (the default): as Azure does there, remaining
-counts are "-1" and a 429 says when to retry only in its message.
+counts are "-1" and a 429 says when to retry only in its message. A deployment with
+`sku="provisioned"` is a PTU (`buckets`): it admits while its utilization is under 100%,
+corrects each request's estimate to its real cost when it ends, has no RPM limit, answers
+429 with a precise `retry-after-ms` (until it is under 100% again) and `retry-after` when
+full, and sends `azure-openai-deployment-utilization` instead of remaining counts.
 
 Fault knobs live on `SimRegion` and change at run time with POST /_sim/regions/{region};
 GET /_sim/stats and POST /_sim/reset serve tests and benchmarks; the stats' "responses"
@@ -60,6 +64,8 @@ Modules, each with one job:
 - `control`:   the /_sim endpoints;
 - `app`:       `create_app` and `start`;
 - `twin`:      the simulated twin of a gateway Config (`serve --simulate`);
+- `identity`:  Entra ID: a managed identity endpoint (tests) and the token check of a
+               region with `auth: "entra"` (key auth disabled);
 - `cli`:       `balancer simulate` and `python -m balancer.sim`.
 """
 

@@ -1,6 +1,13 @@
 """Admission state of one (region, deployment), as Azure keeps it: a token bucket holding
 `token_window_seconds` of the TPM quota, a request bucket for RPM, counters, and sliding
-one-minute windows of what was admitted and what was offered."""
+one-minute windows of what was admitted and what was offered.
+
+A provisioned (PTU) deployment keeps its utilization instead, as Azure's docs describe
+it (a leaky bucket): a request is admitted while utilization is under 100%, adding its
+estimate (prompt + max_tokens); when it finishes, the estimate is corrected to the
+tokens really used; utilization drains at the deployment's throughput. Here the token
+bucket's level is the free share (capacity - utilization), so it may go negative; the
+request bucket is not enforced (PTUs have no RPM limit)."""
 
 from __future__ import annotations
 
@@ -90,6 +97,7 @@ class DeploymentState:
             0,
             now,
         )
+        self.provisioned = spec.sku == "provisioned"
         self.window_seconds = 60 / config.time_scale
         self.window = _Window(self.window_seconds)
         self.offered = _Window(self.window_seconds)
@@ -111,6 +119,12 @@ class DeploymentState:
         self.stats.peak_window_offered_tokens = max(
             self.stats.peak_window_offered_tokens, self.offered.add(charge, now)
         )
+        if self.provisioned:  # under 100% utilization: in, however big; else wait until so
+            if self.tokens.level > 0:
+                self.tokens.level -= charge
+                self._record(charge, now)
+                return 0.0
+            return max(self.tokens.wait_for(1.0), 1e-3)  # until one token is free
         need = min(charge, self.tokens.capacity)  # a request bigger than the bucket needs it full
         if self.tokens.level + 1e-9 >= need and self.requests.level + 1e-9 >= 1:
             self.tokens.level -= charge  # may go negative: the overdraft delays later requests
@@ -118,6 +132,17 @@ class DeploymentState:
             self._record(charge, now)
             return 0.0
         return max(self.tokens.wait_for(need), self.requests.wait_for(1), 1e-3)
+
+    def finished(self, estimate: int, used: int, now: float) -> None:
+        """A PTU's request ended: correct its utilization from the estimate to the tokens
+        used (the standard quota counter keeps the estimate)."""
+        if self.provisioned:
+            self.tokens.advance(now)
+            self.tokens.level = min(self.tokens.capacity, self.tokens.level + estimate - used)
+
+    def utilization(self) -> float:
+        """A PTU's utilization, 1.0 = 100% (above while an admitted request overshoots)."""
+        return 1.0 - self.tokens.level / self.tokens.capacity
 
     def _record(self, charge: int, now: float) -> None:
         self.stats.admitted += 1
@@ -132,6 +157,7 @@ class DeploymentState:
         return {
             **asdict(self.stats),
             "tpm": self.spec.tpm,
+            "sku": self.spec.sku,
             "rpm": self.spec.rpm,
             "tokens_available": self.tokens.level,
             "requests_available": self.requests.level,

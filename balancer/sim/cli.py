@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from balancer import config as config_mod
 from balancer.sim.app import start
-from balancer.sim.config import SimConfig, reference_regions
+from balancer.sim.config import THROTTLE_HEADERS, SimConfig, reference_regions
 from balancer.sim.twin import simulator_config
 
 DESCRIPTION = (
@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-per-token-ms", type=float, default=0.5)
     parser.add_argument("--token-window-seconds", type=float, default=10.0)
     parser.add_argument("--default-max-tokens", type=int, default=1024)
+    parser.add_argument("--throttle-headers", choices=THROTTLE_HEADERS, default="normal",
+                        help="every region's rate-limit header style (sim/config.py)")
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
@@ -52,6 +54,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
             keyed=False,
             latency_base_ms=args.latency_base_ms,
             latency_per_token_ms=args.latency_per_token_ms,
+            throttle_headers=args.throttle_headers,
         )
         if args.time_scale is not None:
             sim = replace(sim, time_scale=args.time_scale)
@@ -61,6 +64,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         api_key=args.api_key,
         latency_base_ms=args.latency_base_ms,
         latency_per_token_ms=args.latency_per_token_ms,
+        throttle_headers=args.throttle_headers,
     )
     return SimConfig(
         regions,

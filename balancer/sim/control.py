@@ -1,5 +1,6 @@
 """Control endpoints under /_sim: read and change a region's knobs, read or reset the stats
-(per deployment under "regions"; per region's stored responses under "responses")."""
+(per deployment under "regions"; per region's stored responses under "responses"; per
+region's 401s under "auth", by reason)."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ async def get_stats(request: web.Request) -> web.Response:
     for (region, name), dep in sim.deployments.items():
         regions.setdefault(region, {})[name] = dep.snapshot(now)
     responses = {name: store.stats() for name, store in sim.stores.items()}
-    return web.json_response({"regions": regions, "responses": responses})
+    auth = {name: {"unauthorized": 0, **counts} for name, counts in sim.auth.items()}
+    return web.json_response({"regions": regions, "responses": responses, "auth": auth})
 
 
 async def post_reset(request: web.Request) -> web.Response:
@@ -51,4 +53,6 @@ async def post_reset(request: web.Request) -> web.Response:
         dep.reset(now)
     for store in sim.stores.values():
         store.reset_counters()
+    for counts in sim.auth.values():
+        counts.clear()
     return web.json_response({"reset": True})

@@ -95,6 +95,15 @@ async def serve(request: web.Request, target: Target) -> web.StreamResponse:
         call.lengths = [sim.completion_length(call.per_choice) for _ in range(choices)]
     dep.stats.prompt_tokens += prompt
     dep.stats.completion_tokens += call.completion_tokens
+    try:
+        return await _answer(request, call, body, headers)
+    finally:  # a PTU corrects its utilization to the real cost when a request ends
+        dep.finished(prompt + budget, prompt + call.completion_tokens, sim.clock())
+
+
+async def _answer(request: web.Request, call: Call, body: dict[str, Any],
+                  headers: dict[str, str]) -> web.StreamResponse:
+    op = call.op
     if op == "responses":
         return await response_create.answer(request, call, body, headers)
     if body.get("stream") is True and op != "embeddings":

@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from balancer.sim import identity
 from balancer.sim.config import SimRegion
 from balancer.sim.errors import ApiError
 from balancer.sim.handlers import Target, serve
@@ -61,8 +62,20 @@ def _authorize(region: SimRegion, key: str | None) -> None:
 def open_call(request: web.Request, style: Style) -> tuple[SimRegion, str]:
     """The request's region, its key checked, and its api-version ("v1" when undated; a
     v1 route ignores an api-version query)."""
-    region = request.app[SIMULATOR].region(request.match_info["region"])
-    _authorize(region, _key(request, style))
+    sim = request.app[SIMULATOR]
+    region = sim.region(request.match_info["region"])
+    if region.auth == "entra":  # key auth disabled: a valid Entra token, whatever the style
+        reason = identity.authorize(request.headers, region.entra_secret or
+                                    sim.config.entra_secret, sim.config.entra_clock_skew_seconds)
+        if reason is not None:
+            sim.unauthorized(region, reason)
+            raise identity.refusal(reason)
+    else:
+        try:
+            _authorize(region, _key(request, style))
+        except ApiError:
+            sim.unauthorized(region, "key")
+            raise
     api_version = request.query.get("api-version") if style.dated else "v1"
     if not api_version:
         raise ApiError(404, "Resource not found", "404")

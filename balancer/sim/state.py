@@ -8,6 +8,7 @@ import asyncio
 import copy
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +39,8 @@ class Simulator:
         }
         # Responses API objects live in the region that made them, as on Azure and OpenAI
         self.stores = {name: ResponseStore() for name in self.regions}
+        # 401s answered, per region: "unauthorized" (all) and per reason (sim.routes)
+        self.auth: dict[str, Counter[str]] = {name: Counter() for name in self.regions}
         self.closing = asyncio.Event()  # set at shutdown: releases hung requests
         for region in self.regions.values():
             self._set_cotenant(region, now)
@@ -47,6 +50,9 @@ class Simulator:
         if region is None:
             raise ApiError(404, f"Resource not found: no region {name!r}", "404")
         return region
+
+    def unauthorized(self, region: SimRegion, reason: str) -> None:
+        self.auth[region.name].update(("unauthorized", reason))
 
     def deployment(self, region: SimRegion, name: str) -> DeploymentState:
         dep = self.deployments.get((region.name, name))

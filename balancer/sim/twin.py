@@ -15,13 +15,14 @@ def sim_key(region: str) -> str:
 
 def simulator_config(config: Config, *, seed: int | None = None, keyed: bool = True,
                      **knobs: float) -> SimConfig:
-    """The simulated twin of each region: same deployment names and limits, and the
-    same burst windows as the gateway's buckets (Azure: ~10 s for tokens, 1 s for requests).
+    """The simulated twin of each region: same deployment names, limits and sku (a
+    `provisioned` one is simulated as a PTU), and the same burst windows as the gateway's
+    buckets (Azure: ~10 s for tokens, 1 s for requests).
     `keyed`: each region requires `sim_key(name)`; otherwise any key is accepted."""
     regions = [
         SimRegion(
             name=r.name,
-            deployments=[SimDeployment(d.deployment, d.tpm, d.rpm) for d in _unique(r)],
+            deployments=[SimDeployment(d.deployment, d.tpm, d.rpm, d.sku) for d in _unique(r)],
             api_key=sim_key(r.name) if keyed else None,
             **knobs,
         )
@@ -41,9 +42,13 @@ def _unique(region: Region) -> list:
 
 
 def with_simulated_endpoints(config: Config, base_url: str) -> Config:
-    """Point every region at its simulated twin under `base_url`."""
+    """Point every region at its simulated twin under `base_url`, with its simulated key.
+    `auth: entra` regions become key regions too: under `serve --simulate` (`make run`)
+    no managed identity endpoint exists to get tokens from (tests that want Entra run
+    sim.identity's and set the regions' `auth` themselves)."""
     regions = []
     for r in config.regions:
         endpoint = f"{base_url}/{r.name}" + ("/v1" if r.kind == "openai" else "")
-        regions.append(replace(r, endpoint=endpoint, api_key=Secret(sim_key(r.name))))
+        regions.append(replace(r, endpoint=endpoint, api_key=Secret(sim_key(r.name)),
+                               auth="key", entra_client_id=None))
     return replace(config, regions=tuple(regions))
