@@ -389,7 +389,8 @@ async def test_token_cache_fetches_once_and_keeps_a_valid_token() -> None:
     made: list[FakeCredential] = []
 
     def factory(client_id: str | None) -> FakeCredential:
-        made.append(FakeCredential(lifetime=2.0))  # renewed after half its life
+        # Renewed after half its life; expires_on is whole seconds (up to 1 s less).
+        made.append(FakeCredential(lifetime=4.0))
         made[-1].delay = 0.05
         return made[-1]
 
@@ -399,7 +400,7 @@ async def test_token_cache_fetches_once_and_keeps_a_valid_token() -> None:
     first = tokens[0].reveal()
     assert {t.reveal() for t in tokens} == {first} and made[0].fetches == 1
     assert "token" not in repr(tokens[0]) and "token" not in str(tokens[0])
-    await asyncio.sleep(1.2)  # due for renewal, still valid: a failed renewal keeps it
+    await asyncio.sleep(2.1)  # due for renewal, still valid: a failed renewal keeps it
     made[0].fail = True
     assert (await auth.token(region)).reveal() == first
     made[0].fail = False
