@@ -181,9 +181,8 @@ class GatewayConfig:
 @dataclass(frozen=True)
 class LearnedCapacity:
     """Shrink a region's effective capacity when it shows less than configured (a 429
-    implying a slower refill than configured, fewer tokens admitted between two 429s
-    than its configured rate refills, or fewer remaining tokens reported than the bucket
-    holds), and recover gradually when the evidence stops (AIMD)."""
+    implying a slower refill than configured, or fewer remaining tokens reported than
+    the bucket holds), and recover gradually when the evidence stops (AIMD)."""
 
     min_factor: float = setting(0.2, "never believe a region has less than this share "
                                      "of its TPM", exclusive=True, maximum=1)
