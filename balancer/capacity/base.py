@@ -12,7 +12,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from balancer.policy import Level, Limits
+from balancer.policy import Level, Limits, Refusal
+from balancer.tenancy import Budget, ClientLimits
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,11 @@ class Grant:
     # own buckets: it must be settled there even after the shared store is back
     level: float = 0.0  # tokens left in the bucket right after this reservation: compared
     # with what the region reports remaining, it reveals consumers the gateway cannot see
+    granted: float = 0.0  # the bucket's count of tokens ever reserved, this grant's
+    # included: tells whether a learned-capacity window began before it (settle)
+    at: float = 0.0  # when it was reserved, on the store's clock (policy.Refusal.reserved_at)
+    client: ClientLimits | None = None  # charged too: settle charges or refunds it as well
+    budget: Budget | None = None  # the client's budget levels right after this reservation
 
     @property
     def region(self) -> str:
@@ -42,6 +48,9 @@ class Wait:
     retry_after: float
     position: int = 0  # requests queued ahead of this one
     queued: bool = False  # this request holds a place in the model's admission queue
+    # What refused: "capacity" (no region can take it), the client's own budget ("rpm",
+    # "tpm", "day", "month") or its fair share of a pool that runs short ("fair_share").
+    reason: str = "capacity"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +78,16 @@ class RegionState:
     failures: int
     factor: float = 1.0  # learned share of the configured token capacity (1: all of it)
     latency: float = 0.0  # smoothed seconds per output token (0: no sample yet)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientState:
+    """A client's budget levels and fair-share sums on one model, refilled to now."""
+
+    name: str
+    budget: Budget
+    demand: float  # decayed tokens asked within about one fair window
+    used: float  # decayed tokens granted within about one fair window
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,12 +120,16 @@ class CapacityStore(Protocol):
         ...
 
     async def acquire(self, model: str, candidates: Sequence[Limits], cost: int, r: float,
-                      exclude: Collection[str] = (), queue: Queueing | None = None
+                      exclude: Collection[str] = (), queue: Queueing | None = None,
+                      client: ClientLimits | None = None, demand: bool = True
                       ) -> Grant | Wait:
         """Refill, pick a region (policy.pick with random number r) and reserve `cost`
         tokens and one request there, all atomically. With `queue`, a request never
         overtakes waiters queued ahead of it, and takes (or keeps) a place in the queue
-        when it cannot be served and has budget left."""
+        when it cannot be served and has budget left. With `client`, the same round trip
+        checks and charges its budget (`tenancy.refusal`, `tenancy.quota_refusal`) and
+        holds it to its fair share (`tenancy.fair_cap`); `demand` counts the cost as asked
+        (a request's first call: not its retries nor its waits in the queue)."""
         ...
 
     async def dequeue(self, model: str, ticket: str) -> None:
@@ -121,11 +144,13 @@ class CapacityStore(Protocol):
         ...
 
     async def cooldown(self, model: str, limits: Limits, seconds: float, *,
-                       share: float | None = None) -> None:
+                       share: float | None = None, refusal: Refusal | None = None) -> None:
         """The region said 429: no traffic for `seconds`, and its bucket is empty. `share`
-        is the refill rate the 429 implies, as a share of the configured one: well below
-        the learned factor, it shrinks the region's effective capacity toward it
-        (`policy.throttled_factor`; at most once per refill window)."""
+        is the refill rate the 429 implies, as a share of the configured one (read at most
+        once per refill window); `refusal` bounds the region's level at this 429, and with
+        the previous 429s' and the tokens reserved there since, bounds its real rate
+        (`policy.window_share`). Evidence well below the learned factor shrinks the
+        region's effective capacity (`policy.cut_target`, `policy.bounded`)."""
         ...
 
     async def observe(self, model: str, limits: Limits, remaining: float) -> None:
@@ -146,6 +171,11 @@ class CapacityStore(Protocol):
 
     async def snapshot(self, model: str, candidates: Sequence[Limits]) -> list[RegionState]:
         """Every candidate's state refilled to now, without changing it."""
+        ...
+
+    async def clients(self, model: str, clients: Sequence[ClientLimits]) -> list[ClientState]:
+        """Each client's budget and fair-share state on `model`, refilled to now, without
+        changing it (index-aligned with `clients`)."""
         ...
 
     # -- response affinity: a stored response (Responses API) lives in the region that

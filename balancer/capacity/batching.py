@@ -7,6 +7,8 @@ queued and sent on the next turn as one redis-py pipeline (no MULTI: each call s
 its own atomic script): one connection, one write, one read for all of them. A call
 made while nothing else is on its way goes straight through as a plain EVALSHA, so a
 lone request waits for no turn. BENCHMARKS.md section 4 has the CPU per call both ways.
+The same on TLS (`rediss://`) and behind Sentinel: the pipeline is the client's own, and
+only its connection class differs (redis-py's SSLConnection, SentinelManagedConnection).
 
 Callers see exactly what a direct call gives: the script's reply, or redis-py's own
 exception (a reply error, a connection error), or TimeoutError past `timeout`. A

@@ -16,9 +16,12 @@ def create_store(
     on_round_trip: Callable[[str], None] | None = None,
     on_degraded: Callable[[bool], None] | None = None,
 ) -> CapacityStore:
-    """`memory://` -> MemoryStore; `redis://`, `rediss://` -> Redis, and
-    `redis+cluster://`, `rediss+cluster://` (or `cluster: true`) -> Redis Cluster, both
-    wrapped in a ResilientStore (call its `start()` once the event loop runs)."""
+    """`memory://` -> MemoryStore; `redis://`, `rediss://` -> Redis,
+    `redis+cluster://`, `rediss+cluster://` (or `cluster: true`) -> Redis Cluster, and
+    `redis+sentinel://`, `rediss+sentinel://` -> the primary Redis Sentinel names, each
+    wrapped in a ResilientStore (call its `start()` once the event loop runs). The
+    `rediss` schemes are TLS (`store.ca_file`, `cert_file`, `key_file`), on the same
+    client: `redis.connect`."""
     scheme = urlsplit(config.url).scheme
     if scheme not in STORE_SCHEMES:
         raise ValueError(f"unsupported store URL scheme {scheme!r}")

@@ -6,8 +6,9 @@ with the time taken from Redis `TIME`, since the replicas' clocks differ, and th
 random number passed in by the caller, since scripts must be deterministic.
 
 Key layout, one HASH per (model, region) with the fields tokens, requests, ts,
-cooldown_until, failures, tripped, and for the later policies factor, calm (learned
-capacity) and lat (latency weighting):
+cooldown_until, failures, tripped, and for the later policies factor, calm, granted,
+peak, and after a 429 top, cut and the a_* / b_* windows (learned capacity; lua/lib.lua)
+and lat (latency weighting):
 
     {prefix}:{<model>}:<region>      e.g.  bal:{gpt-4}:eastus2
 
@@ -17,16 +18,23 @@ per field) keeps a bucket's levels, stamp and circuit together: one HMGET reads 
 one HSET + EXPIRE writes it, and the TTL covers all of it. Live replicas are a
 sorted set `{prefix}:{replicas}` scored by Redis time.
 
+Clients (balancer.tenancy) have one HASH each per model for their budget,
+`{prefix}:{<model>}:client:<name>`, and one HASH per model holds every client's fair-share
+sums, `{prefix}:{<model>}:fair` (lua/tenants.lua): the model's hash tag again, so acquire
+checks a client's budget and fair share in the same script, on a cluster too.
+
 Response affinity is one plain STRING per stored response, `{prefix}:resp:<id>` =
 "<model>\t<region>\t<tokens>" with the upstream retention as its TTL: one key per
 command, so plain SET/GET/DEL (no script, no hash tag) work on a cluster too.
 
 Every command goes through redis-py's asyncio client, with hiredis parsing replies
-(`redis[hiredis]`), the same way on plain `redis://`, TLS `rediss://` and the cluster
-schemes: the scripts are redis-py `register_script` objects (EVALSHA, and on NOSCRIPT a
-SCRIPT LOAD then EVALSHA again). On a plain client the hot path's calls made in one
-event-loop turn share one pipeline (`batching.py`). BENCHMARKS.md section 4 has what a
-call costs beside the other clients measured, and why this one was kept.
+(`redis[hiredis]`), the same way on plain `redis://`, TLS `rediss://`, the cluster
+schemes and Sentinel: the scripts are redis-py `register_script` objects (EVALSHA, and
+on NOSCRIPT a SCRIPT LOAD then EVALSHA again). On a plain client the hot path's calls
+made in one event-loop turn share one pipeline (`batching.py`). BENCHMARKS.md section 4
+has what a call costs beside the other clients measured, and why this one was kept.
+
+Connections (plain, TLS, cluster, Sentinel) come from `connection.py`.
 """
 
 from __future__ import annotations
@@ -36,26 +44,20 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import fields
 from functools import cache
 from importlib import resources
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import ResponseError
 
 from balancer import policy
-from balancer.capacity.base import Grant, Pin, Queueing, RegionState, Wait, state_of
+from balancer.capacity.base import ClientState, Grant, Pin, Queueing, RegionState, Wait, state_of
 from balancer.capacity.batching import BatchedScript
-from balancer.config import STORE_SCHEMES, StoreConfig
-from balancer.policy import Level, Limits
+from balancer.capacity.connection import Client, connect
+from balancer.config import StoreConfig
+from balancer.policy import Level, Limits, Refusal
+from balancer.tenancy import Budget, ClientLimits
 
-Client = Redis | RedisCluster
-
-# `redis+cluster://` names the cluster client; the client itself takes the plain scheme.
-CLUSTER_SCHEMES = {s: s.removesuffix("+cluster") for s in STORE_SCHEMES if s.endswith("+cluster")}
-
+__all__ = ["Client", "RedisStore", "client_text", "connect", "limits_text"]
 
 # Both keys share the model's hash tag, so one script keeps them consistent on a cluster.
 DEQUEUE = "redis.call('ZREM', KEYS[1], ARGV[1]); redis.call('HDEL', KEYS[2], ARGV[1])"
@@ -64,8 +66,8 @@ DEQUEUE = "redis.call('ZREM', KEYS[1], ARGV[1]); redis.call('HDEL', KEYS[2], ARG
 @cache
 def _script(name: str, *, prelude: bool = True) -> str:
     lua = resources.files("balancer.capacity") / "lua"
-    body = (lua / f"{name}.lua").read_text(encoding="utf-8")
-    return (lua / "lib.lua").read_text(encoding="utf-8") + "\n" + body if prelude else body
+    parts = ["lib", "tenants", name] if prelude else [name]
+    return "\n".join((lua / f"{part}.lua").read_text(encoding="utf-8") for part in parts)
 
 
 def _num(x: float) -> str:
@@ -83,12 +85,30 @@ def limits_text(limits: Limits) -> str:
     return " ".join([f"{name}={_num(getattr(limits, name))}" for name in LIMIT_FIELDS])
 
 
+CLIENT_FIELDS = tuple(f.name for f in fields(ClientLimits) if f.name != "name")
+
+
+@cache
+def client_text(client: ClientLimits) -> str:
+    """A client's limits for lua/tenants.lua's `parse_client` (cached: frozen, and few)."""
+    return " ".join([f"{name}={_num(getattr(client, name))}" for name in CLIENT_FIELDS])
+
+
+# How long acquire's record of a reservation lives (seconds, as a Redis EX): long enough
+# for a replica to come back from a Redis stall and release what it never saw granted;
+# after it, refill has long given the tokens back anyway.
+RESERVATION_LEASE = "60"
+
 MAX_PIN_TTL = 2**31 - 1  # seconds (68 years): an EX that Redis surely accepts
 
 
 def _pin_ttl(seconds: float) -> int:
     # EX takes whole seconds and refuses 0: round up, so a pin never expires early.
     return max(1, math.ceil(min(seconds, MAX_PIN_TTL)))
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 def encode_pin(pin: Pin) -> str:
@@ -112,27 +132,6 @@ def decode_pin(raw: bytes | str | None) -> Pin | None:
     return Pin(model, region, count)
 
 
-def connect(config: StoreConfig) -> Client:
-    """A client for `config.url` with a short connect timeout and no retries: a slow or
-    absent Redis must fail fast so the caller can degrade instead of queueing requests.
-    No socket (read/write) timeout: redis-py implements it with a task per send and a
-    timeout scope per read, the largest part of its CPU per call here; every call is
-    bounded by its caller's deadline instead (ResilientStore, BatchedScript), and a
-    call cancelled mid-read makes redis-py drop that connection."""
-    parts = urlsplit(config.url)
-    cluster = config.cluster or parts.scheme in CLUSTER_SCHEMES
-    url = urlunsplit(parts._replace(scheme=CLUSTER_SCHEMES.get(parts.scheme, parts.scheme)))
-    options: dict[str, Any] = {
-        "socket_connect_timeout": config.timeout_seconds,
-        "retry": Retry(NoBackoff(), 0),
-    }
-    if cluster:
-        # The cluster client caps connections per node (100 by default) and raises
-        # beyond that; admission concurrency can exceed it under load.
-        return RedisCluster.from_url(url, max_connections=10_000, **options)
-    return Redis.from_url(url, **options)
-
-
 class RedisStore:
     """`CapacityStore` on a `redis.asyncio` client (plain or cluster)."""
 
@@ -147,7 +146,9 @@ class RedisStore:
         name: str | None = None,
     ):
         self.client = client
-        self.name = name or ("redis-cluster" if isinstance(client, RedisCluster) else "redis")
+        self.name = name or ("redis-cluster" if isinstance(client, RedisCluster) else
+                             "redis-sentinel" if isinstance(
+                                 client.connection_pool, SentinelConnectionPool) else "redis")
         self.prefix = key_prefix
         self.ttl = int(key_ttl_seconds)
         self._ttl = str(self.ttl)
@@ -165,6 +166,8 @@ class RedisStore:
             self._acquire = BatchedScript(client, self._acquire, 2 * timeout_seconds)
             self._region = BatchedScript(client, self._region, 2 * timeout_seconds)
         self._snapshot = client.register_script(_script("snapshot"))
+        self._clients = client.register_script(_script("clients"))
+        self._release = client.register_script(_script("release"))
         self._dequeue = client.register_script(DEQUEUE)
         self._heartbeat = client.register_script(_script("heartbeat", prelude=False))
         self._replica_ttl = 10.0  # the ttl of the last heartbeat, for count_replicas()
@@ -204,13 +207,26 @@ class RedisStore:
         return text
 
     async def acquire(self, model: str, candidates: Sequence[Limits], cost: int, r: float,
-                      exclude: Collection[str] = (), queue: Queueing | None = None
-                      ) -> Grant | Wait:
+                      exclude: Collection[str] = (), queue: Queueing | None = None,
+                      client: ClientLimits | None = None, demand: bool = True,
+                      reservation: str = "") -> Grant | Wait:
+        """As CapacityStore.acquire; with a `reservation` id, the script keeps a record
+        of what it reserved for RESERVATION_LEASE seconds, so that `release` can give it
+        back exactly if this call's reply never arrives."""
         usable = [c for c in candidates if c.region not in exclude]
         if not usable:
             return Wait(math.inf)  # policy.retry_after of nothing, as MemoryStore
         keys = [self.key(model, c.region) for c in usable]
         args = [_num(cost), _num(r), self._ttl, ";".join([self._limits(c) for c in usable])]
+        if client is None:
+            args += ["", "", ""]
+        else:
+            args += [client_text(client), client.name, "1" if demand else "0"]
+        args += [reservation, RESERVATION_LEASE]
+        if reservation:
+            keys.append(self.reservation_key(model, reservation))
+        if client is not None:
+            keys += self._client_keys(model, client.name)
         if queue is not None:
             keys += self._queue_keys(model)
             args += [queue.ticket, _num(queue.boost), _num(queue.budget)]
@@ -218,8 +234,35 @@ class RedisStore:
         reply = await self._acquire(keys=keys, args=args)
         index = reply[0]
         if index == 0:
-            return Wait(float(reply[1]), int(reply[2]), bool(reply[3]))
-        return Grant(model, usable[index - 1], cost, int(reply[1]), level=float(reply[2]))
+            return Wait(float(reply[1]), int(reply[2]), bool(reply[3]), _text(reply[4]))
+        budget = None
+        if client is not None:
+            budget = Budget(*(float(x) for x in reply[5:9]))
+        return Grant(model, usable[index - 1], cost, int(reply[1]), level=float(reply[2]),
+                     granted=float(reply[3]), at=float(reply[4]), client=client,
+                     budget=budget)
+
+    def reservation_key(self, model: str, reservation: str) -> str:
+        return f"{self.prefix}:{{{model}}}:r:{reservation}"
+
+    async def release(self, model: str, candidates: Sequence[Limits], reservation: str,
+                      client: ClientLimits | None = None) -> bool:
+        """Give back what `acquire(..., reservation=...)` on these candidates (after its
+        exclusions) reserved, if it did; if it has not run yet, it never will (the
+        record says released). True when something was given back. Idempotent."""
+        keys = [self.reservation_key(model, reservation),
+                *(self.key(model, c.region) for c in candidates)]
+        args = [RESERVATION_LEASE, self._ttl, ";".join([self._limits(c) for c in candidates]),
+                "", ""]
+        if client is not None:
+            keys += self._client_keys(model, client.name)
+            args[3:] = [client_text(client), client.name]
+        self._round_trip("release")
+        return bool(await self._release(keys=keys, args=args))
+
+    def _client_keys(self, model: str, name: str) -> list[str]:
+        """A client's budget and the model's fair-share book (the model's hash tag)."""
+        return [f"{self.prefix}:{{{model}}}:client:{name}", f"{self.prefix}:{{{model}}}:fair"]
 
     def _queue_keys(self, model: str) -> list[str]:
         return [f"{self.prefix}:{{{model}}}:queue", f"{self.prefix}:{{{model}}}:tickets"]
@@ -242,15 +285,27 @@ class RedisStore:
         if delta == 0 and not latency:
             return  # nothing to charge, refund or learn: skip the round trip
         sample = _num(latency) if latency else ""
-        await self._apply("settle", grant.model, grant.limits, str(delta), sample)
+        c = grant.client
+        if c is None:
+            await self._apply("settle", grant.model, grant.limits, str(delta), sample,
+                              _num(grant.granted))
+            return
+        self._round_trip("settle")
+        await self._region(
+            keys=[self.key(grant.model, grant.region), *self._client_keys(grant.model, c.name)],
+            args=["settle", self._ttl, self._limits(grant.limits), str(delta), sample,
+                  _num(grant.granted), client_text(c), c.name])
 
     async def observe(self, model: str, limits: Limits, remaining: float) -> None:
         await self._apply("observe", model, limits, _num(remaining))
 
     async def cooldown(self, model: str, limits: Limits, seconds: float, *,
-                       share: float | None = None) -> None:
+                       share: float | None = None, refusal: Refusal | None = None) -> None:
+        bounds = ("", "", "", "", "", "") if refusal is None else (
+            _num(refusal.high), _num(refusal.high_wait), _num(refusal.low),
+            _num(refusal.low_wait), _num(refusal.reserved_at), _num(refusal.granted))
         await self._apply("cooldown", model, limits, _num(seconds),
-                          "" if share is None else _num(share))
+                          "" if share is None else _num(share), *bounds)
 
     async def record_failure(
         self, model: str, limits: Limits, threshold: int, open_seconds: float
@@ -280,6 +335,20 @@ class RedisStore:
             level = Level(float(tokens), float(requests), float(cooldown), float(lat))
             eff = policy.effective(c, float(factor))
             out.append(state_of(eff, level, int(failures), int(tripped) != 0, float(factor)))
+        return out
+
+    async def clients(self, model: str, clients: Sequence[ClientLimits]) -> list[ClientState]:
+        if not clients:
+            return []
+        self._round_trip("clients")
+        keys = [self._client_keys(model, c.name)[0] for c in clients]
+        keys.append(self._client_keys(model, "")[1])
+        args = [x for c in clients for x in (client_text(c), c.name)]
+        raw = await self._clients(keys=keys, args=args)
+        out = []
+        for i, c in enumerate(clients):
+            tokens, requests, day, month, demand, used = (float(x) for x in raw[i * 6:i * 6 + 6])
+            out.append(ClientState(c.name, Budget(tokens, requests, day, month), demand, used))
         return out
 
     async def pin(self, response_id: str, pin: Pin, ttl_seconds: float) -> None:
@@ -358,5 +427,18 @@ class RedisStore:
         self._round_trip("ping")
         return bool(await self.client.ping())
 
+    async def reset(self) -> None:
+        """Close every pooled connection, so the next call opens a new one (resolving
+        the host again, or asking the sentinels): after READONLY, the pool may hold
+        connections to a primary demoted to a replica."""
+        pool = getattr(self.client, "connection_pool", None)  # the cluster has none
+        if pool is not None:
+            await pool.disconnect()
+
     async def close(self) -> None:
         await self.client.aclose()
+        # The sentinels' own clients belong to the Sentinel, not to the primary's client.
+        manager = getattr(getattr(self.client, "connection_pool", None), "sentinel_manager",
+                          None)
+        if manager is not None:
+            await manager.aclose()

@@ -6,7 +6,10 @@ mode: that call and every later one are served from local buckets holding this
 replica's share of each region (capacity and refill rate divided by the replicas
 last seen live), so no request fails and none waits on a dead Redis. A background
 task probes Redis and switches back by itself when it answers; the same task sends
-the heartbeats that count the live replicas.
+the heartbeats that count the live replicas. A READONLY reply (a failover demoted the
+primary this replica's connections reach) is a failure like any other; the probe then
+closes the pooled connections, so the next ones reach the new primary (behind Sentinel,
+redis-py's pool asks the sentinels where it is; a plain URL is resolved again).
 
 Response pins made while degraded live in the local store and wait in a bounded
 list; before switching back, the probe writes them to Redis, so a response created
@@ -23,19 +26,20 @@ import os
 import secrets
 import socket
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import replace
 from functools import lru_cache
 from typing import TypeVar
 
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import ReadOnlyError, RedisClusterException, RedisError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_fixed
 
-from balancer.capacity.base import Grant, Pin, Queueing, RegionState, Wait
+from balancer.capacity.base import ClientState, Grant, Pin, Queueing, RegionState, Wait
 from balancer.capacity.memory import MemoryStore
 from balancer.capacity.redis import RedisStore
-from balancer.policy import Limits
+from balancer.policy import Limits, Refusal
+from balancer.tenancy import ClientLimits
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,9 @@ STARTUP_SECONDS = 1.0  # bound on connecting to the store when a replica starts
 # Pins made while degraded, waiting for Redis: bounded, since an outage can be long
 # and busy; beyond it the oldest stay local only (this replica still routes them).
 MAX_PENDING_PINS = 100_000
+# Orphaned reservations waiting for Redis: bounded like the pins; past the bound the
+# oldest are left to refill, which gives their tokens back within a refill window anyway.
+MAX_ORPHANS = 10_000
 PIN_BATCH = 500  # pending pins written per pipeline on recovery, each under the deadline
 
 
@@ -61,6 +68,23 @@ def share(limits: Limits, replicas: int) -> Limits:
         tokens_rate=limits.tokens_rate / replicas,
         requests_capacity=limits.requests_capacity / replicas,
         requests_rate=limits.requests_rate / replicas,
+    )
+
+
+@lru_cache(maxsize=4096)
+def client_share(client: ClientLimits | None, replicas: int) -> ClientLimits | None:
+    """This replica's part of a client's budget when the replicas cannot coordinate (its
+    quotas too: the local day starts at nothing used)."""
+    if client is None or replicas <= 1:
+        return client
+    return replace(
+        client,
+        tokens_capacity=client.tokens_capacity / replicas,
+        tokens_rate=client.tokens_rate / replicas,
+        requests_capacity=client.requests_capacity / replicas,
+        requests_rate=client.requests_rate / replicas,
+        tokens_per_day=client.tokens_per_day / replicas,
+        tokens_per_month=client.tokens_per_month / replicas,
     )
 
 
@@ -100,6 +124,10 @@ class ResilientStore:
         self._wake = asyncio.Event()  # set on degrading: start probing now
         # response id -> (pin, expiry by time.monotonic) made while degraded, oldest first
         self._pending: OrderedDict[str, tuple[Pin, float]] = OrderedDict()
+        # Shared acquires that never answered: (model, candidates, reservation id, client)
+        self._orphans: deque[tuple[str, tuple[Limits, ...], str, ClientLimits | None]] = deque()
+        self._reservations = (f"{self.replica_id}.{n}" for n in itertools.count())
+        self.released = 0  # orphaned reservations released (tests, logs)
 
     @property
     def degraded(self) -> bool:
@@ -135,9 +163,13 @@ class ResilientStore:
     async def close(self) -> None:
         self._closed = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Cancel until it ends: a cancellation can be lost. Python 3.11's
+            # asyncio.wait_for, which redis-py uses while a new connection says hello,
+            # returns the result instead when both happen in the same turn, and the
+            # probe would run on, with close() waiting for it forever.
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=0.1)
             self._task = None
         if self._joined and not self._degraded:
             with contextlib.suppress(*FAILURES):
@@ -203,7 +235,13 @@ class ResilientStore:
         await asyncio.sleep(self._probe_interval)  # it has only just failed
         async for attempt in probes:
             with attempt:
-                await self._heartbeat()
+                try:
+                    await self._heartbeat()
+                except ReadOnlyError:
+                    # A primary demoted to a replica (a failover) still holds the pooled
+                    # connections: open new ones, which find the new primary.
+                    await self.shared.reset()
+                    raise
 
     async def _background(self) -> None:
         """Heartbeats in shared mode; the reconnect probe while degraded (a failing
@@ -215,6 +253,7 @@ class ResilientStore:
                     # Pins first: until they are in Redis this replica keeps reading
                     # them locally. If Redis fails again meanwhile, probe again.
                     if await self._flush_pins():
+                        await self._release_orphans()
                         self._recover()
                     continue
                 with contextlib.suppress(TimeoutError):
@@ -223,9 +262,25 @@ class ResilientStore:
                 self._wake.clear()
                 if not self._degraded:
                     await self._beat()
+                    await self._release_orphans()
             except Exception:  # never let the probe die: it is the way back
                 log.exception("capacity store probe failed unexpectedly")
                 await asyncio.sleep(self._probe_interval)
+
+    async def _release_orphans(self) -> None:
+        """Release the reservations whose acquire never answered, oldest first; on a
+        failure the rest wait for the next chance (a failure here does not degrade)."""
+        while self._orphans:
+            model, usable, reservation, client = self._orphans[0]
+            try:
+                async with asyncio.timeout(self._deadline):
+                    await self.shared.release(model, usable, reservation, client)
+            except FAILURES as exc:
+                log.info("capacity store %s failed releasing %d orphaned reservations (%s)",
+                         self.name, len(self._orphans), type(exc).__name__)
+                return
+            self._orphans.popleft()
+            self.released += 1
 
     async def _flush_pins(self) -> bool:
         """Write the pins made while degraded to Redis with their remaining TTL, oldest
@@ -273,29 +328,54 @@ class ResilientStore:
         return share(limits, self._replicas)
 
     async def acquire(self, model: str, candidates: Sequence[Limits], cost: int, r: float,
-                      exclude: Collection[str] = (), queue: Queueing | None = None
+                      exclude: Collection[str] = (), queue: Queueing | None = None,
+                      client: ClientLimits | None = None, demand: bool = True
                       ) -> Grant | Wait:
         return await self._either(
             "acquire",
-            lambda: self.shared.acquire(model, candidates, cost, r, exclude, queue),
-            lambda: self._acquire_locally(model, candidates, cost, r, exclude, queue))
+            lambda: self._acquire_shared(model, candidates, cost, r, exclude, queue, client,
+                                         demand),
+            lambda: self._acquire_locally(model, candidates, cost, r, exclude, queue, client,
+                                          demand))
+
+    async def _acquire_shared(self, model: str, candidates: Sequence[Limits], cost: int,
+                              r: float, exclude: Collection[str], queue: Queueing | None,
+                              client: ClientLimits | None, demand: bool) -> Grant | Wait:
+        """The shared acquire, under a reservation id: if its reply never comes (a stall
+        past the deadline, or the request cancelled), Redis may still have reserved, and
+        nobody would settle it. Such reservations are released exactly once the store
+        answers (`_release_orphans`), instead of waiting for refill."""
+        reservation = next(self._reservations)
+        try:
+            return await self.shared.acquire(model, candidates, cost, r, exclude, queue,
+                                             client, demand, reservation=reservation)
+        except BaseException:
+            usable = tuple(c for c in candidates if c.region not in exclude)
+            if len(self._orphans) >= MAX_ORPHANS:
+                self._orphans.popleft()  # the oldest: refill has given it back by now
+            self._orphans.append((model, usable, reservation, client))
+            self._wake.set()
+            raise
 
     async def _acquire_locally(self, model: str, candidates: Sequence[Limits], cost: int,
-                               r: float, exclude: Collection[str], queue: Queueing | None
-                               ) -> Grant | Wait:
+                               r: float, exclude: Collection[str], queue: Queueing | None,
+                               client: ClientLimits | None, demand: bool) -> Grant | Wait:
         shares = [self._share(c) for c in candidates]
         # Degraded, this replica queues its own waiters only: the others cannot be seen.
-        result = await self.local.acquire(model, shares, cost, r, exclude, queue)
+        result = await self.local.acquire(model, shares, cost, r, exclude, queue,
+                                          client_share(client, self._replicas), demand)
         if isinstance(result, Wait):
             return result
         # Hand back the caller's own Limits; settle scales them again.
         original = candidates[next(i for i, s in enumerate(shares) if s is result.limits)]
-        return replace(result, limits=original, source="local")
+        return replace(result, limits=original, source="local", client=client)
 
     async def settle(self, grant: Grant, actual_tokens: int, latency: float | None = None
                      ) -> None:
         local = lambda: self.local.settle(  # noqa: E731
-            replace(grant, limits=self._share(grant.limits)), actual_tokens, latency)
+            replace(grant, limits=self._share(grant.limits),
+                    client=client_share(grant.client, self._replicas)),
+            actual_tokens, latency)
         if grant.source != "shared":  # issued by the local buckets: settled there
             return await local()
         await self._either("settle", lambda: self.shared.settle(grant, actual_tokens, latency),
@@ -311,9 +391,12 @@ class ResilientStore:
             lambda: self.local.observe(model, self._share(limits), remaining))
 
     async def cooldown(self, model: str, limits: Limits, seconds: float, *,
-                       share: float | None = None) -> None:
+                       share: float | None = None, refusal: Refusal | None = None) -> None:
+        # The refusal's levels are the whole region's, not this replica's share of it:
+        # the local buckets learn from the implied share only.
         await self._either(
-            "cooldown", lambda: self.shared.cooldown(model, limits, seconds, share=share),
+            "cooldown", lambda: self.shared.cooldown(model, limits, seconds, share=share,
+                                                     refusal=refusal),
             lambda: self.local.cooldown(model, self._share(limits), seconds, share=share))
 
     async def record_failure(
@@ -334,6 +417,12 @@ class ResilientStore:
         return await self._either(
             "snapshot", lambda: self.shared.snapshot(model, candidates),
             lambda: self.local.snapshot(model, [self._share(c) for c in candidates]))
+
+    async def clients(self, model: str, clients: Sequence[ClientLimits]) -> list[ClientState]:
+        return await self._either(
+            "clients", lambda: self.shared.clients(model, clients),
+            lambda: self.local.clients(model, [client_share(c, self._replicas) or c
+                                               for c in clients]))
 
     async def pin(self, response_id: str, pin: Pin, ttl_seconds: float) -> None:
         await self._either("pin", lambda: self.shared.pin(response_id, pin, ttl_seconds),

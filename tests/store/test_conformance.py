@@ -15,6 +15,7 @@ from importlib import resources
 
 import pytest
 
+from balancer import policy
 from balancer.capacity.base import Grant, Queueing, Wait
 from balancer.capacity.redis import RedisStore
 from balancer.policy import Limits
@@ -46,7 +47,10 @@ async def test_reserve_reduces_tokens_and_requests(make_store: Backends) -> None
     store = make_store()
     a = lim("a", 1000, rcap=50)
     grant = await store.acquire(M, [a], 300, 0.5)
-    assert grant == Grant(M, a, 300, 0, level=700.0)  # level: tokens left after it
+    # level: tokens left after it; granted: tokens ever reserved there, this included;
+    # at: when, on the store's clock
+    assert isinstance(grant, Grant) and grant.at > 0
+    assert grant == Grant(M, a, 300, 0, level=700.0, granted=300.0, at=grant.at)
     [state] = await store.snapshot(M, [a])
     assert state.tokens == pytest.approx(700)
     assert state.requests == pytest.approx(49)
@@ -321,6 +325,8 @@ async def test_keys_carry_prefix_hash_tag_and_ttl(make_redis_store: Backends) ->
         b"factor",
         b"lat",
         b"calm",
+        b"granted",
+        b"peak",
     }
     # every write sets the TTL, and a cooldown longer than it keeps the key alive
     for write in (
@@ -429,15 +435,15 @@ async def test_throttle_shrinks_learned_capacity_to_the_implied_share(
     await store.cooldown(M, learning("b", rate=2000.0), 0.0)  # no share: no evidence
     [state, sb] = await store.snapshot(M, [a, learning("b", rate=2000.0)])
     assert state.factor == sb.factor == 1.0
-    await store.cooldown(M, a, 0.0, share=0.6)  # down to what the region implies
+    await store.cooldown(M, a, 0.0, share=0.6)  # below what the region implies
     await store.cooldown(M, a, 0.0, share=0.3)  # the same refill window: no second cut
     [state] = await store.snapshot(M, [a])
-    assert state.factor == pytest.approx(0.6)
-    assert state.tokens_capacity == pytest.approx(600)
+    assert state.factor == pytest.approx(0.6 * policy.THROTTLE_BACKOFF)
+    assert state.tokens_capacity == pytest.approx(600 * policy.THROTTLE_BACKOFF)
     await asyncio.sleep(0.6)
     await store.cooldown(M, a, 0.0, share=0.1)  # at most halved per window
     [state] = await store.snapshot(M, [a])
-    assert state.factor == pytest.approx(0.3)
+    assert state.factor == pytest.approx(0.3 * policy.THROTTLE_BACKOFF)
     await asyncio.sleep(0.6)
     await store.cooldown(M, a, 0.0, share=0.0)  # never below the floor
     [state] = await store.snapshot(M, [a])

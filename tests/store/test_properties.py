@@ -9,14 +9,17 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from importlib import resources
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from balancer import policy
 from balancer.capacity.base import CapacityStore, Grant, Wait
 from balancer.capacity.memory import MemoryStore
-from balancer.policy import Limits
+from balancer.capacity.redis import RedisStore, limits_text
+from balancer.policy import Limits, Refusal
 
 from .conftest import BACKENDS, SLOW, Backends
 
@@ -53,6 +56,7 @@ class Cooldown:
     region: int
     seconds: float
     share: float | None = None  # the refill share a 429 implied (learned capacity)
+    refusal: Refusal | None = None  # the bounds it put on the region's level
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,9 @@ acquires = st.builds(
     st.sampled_from([(), (), (), ("a",), ("b", "c")]),
 )
 settles = st.builds(Settle, st.integers(0, 100), st.integers(-100, 6000))
+refusals = st.one_of(st.none(), st.builds(Refusal, st.sampled_from([0.0, 500.0, 1000.0]),
+                                          st.sampled_from([0.0, 0.5]), st.just(0.0),
+                                          st.sampled_from([0.0, 1.0])))
 capacity_ops = st.lists(st.one_of(acquires, acquires, settles), min_size=1, max_size=30)
 all_ops = st.lists(
     st.one_of(
@@ -102,7 +109,7 @@ all_ops = st.lists(
         acquires,
         settles,
         st.builds(Cooldown, st.integers(0, 3), st.sampled_from([0.0, 100.0, 1000.0]),
-                  st.sampled_from([None, None, 0.0, 0.35, 0.8, 0.99, 2.0])),
+                  st.sampled_from([None, None, 0.0, 0.35, 0.8, 0.99, 2.0]), refusals),
         st.builds(Failure, st.integers(0, 3)),
         st.builds(Success, st.integers(0, 3)),
     ),
@@ -128,7 +135,7 @@ async def run(store: CapacityStore, limits: list[Limits], ops: list[Op]) -> list
                 await store.settle(grants[op.which % len(grants)], op.actual)
         elif isinstance(op, Cooldown):
             await store.cooldown(M, limits[op.region % len(limits)], op.seconds,
-                                 share=op.share)
+                                 share=op.share, refusal=op.refusal)
         elif isinstance(op, Failure):
             trace.append(await store.record_failure(M, limits[op.region % len(limits)], 2, 500))
         else:
@@ -155,6 +162,77 @@ async def test_same_operations_same_results_on_every_backend(
     whole trace, snapshot levels included, is identical to the memory store's."""
     expected = await run(MemoryStore(), limits, ops)
     got = await run(make_redis_store(fresh=True), limits, ops)
+    assert got == expected
+
+
+# lib.lua's learned-capacity arithmetic, called on the values the test passes: the same
+# doubles in, the same doubles out (as "%.17g"), or the same refusal to answer.
+LEARNING_HARNESS = """
+local lim = parse_limits(ARGV[1])[1]
+local x = {}
+for i = 2, #ARGV do x[i - 1] = tonumber(ARGV[i]) end
+local span, sent, low, low_wait, factor, peak, floor, steady, top = unpack(x, 1, 9)
+local ref = { high = x[10], high_wait = x[11], low = x[12], low_wait = x[13],
+  reserved_at = x[15] }
+local start = { low = low, low_wait = low_wait }
+local share = window_share(lim, span, sent, start, ref)
+local out = { '', '', '', fmt(bounded(lim, top, x[14])), fmt(savings(lim, span, floor,
+  steady, x[14])), fmt(calm_seconds(lim)), fmt(THROTTLE_TOLERANCE), fmt(THROTTLE_MAX_CUT),
+  fmt(THROTTLE_BACKOFF), fmt(DRIFT_DECREASE), fmt(WINDOW_SPAN), fmt(SATURATED), fmt(RESERVE),
+  fmt(window_end(span, ref)), window_turn(lim, span, steady, peak) and '1' or '0' }
+if share then
+  out[1] = fmt(share)
+  out[2] = window_usable(lim, factor, span, peak, floor, steady, share) and '1' or '0'
+  local target = cut_target(factor, share)
+  if target then out[3] = fmt(target) end
+end
+return out
+"""
+CONSTANTS = ("THROTTLE_TOLERANCE", "THROTTLE_MAX_CUT", "THROTTLE_BACKOFF", "DRIFT_DECREASE",
+             "WINDOW_SPAN", "SATURATED", "RESERVE")
+
+finite = st.floats(-1e6, 1e6, allow_nan=False)
+positive = st.floats(0, 1e4, allow_nan=False)
+shares = st.floats(0, 2, allow_nan=False)
+
+
+@given(lim=st.builds(Limits, st.just("a"), st.floats(1, 1e6), st.floats(0, 1e5),
+                     st.just(10.0), st.just(1.0), st.just(1.0), st.just(0),
+                     st.floats(0.05, 1.0), st.floats(0, 0.01)),
+       span=positive, sent=finite, low=finite, low_wait=positive, factor=shares,
+       peak=finite, floor=shares, steady=positive, top=shares, target=shares,
+       end=st.builds(Refusal, finite, positive, finite, positive,
+                     st.sampled_from([0.0, 5.0])))
+@PROPERTY
+async def test_learning_arithmetic_is_the_same_in_lua(
+        make_redis_store: Backends, lim: Limits, span: float, sent: float, low: float,
+        low_wait: float, factor: float, peak: float, floor: float, steady: float,
+        top: float, target: float, end: Refusal) -> None:
+    """window_share, window_end, window_usable, savings, cut_target, bounded and the constants of
+    lib.lua give exactly what policy.py gives (the store traces above cannot show it:
+    windows need refill, and refill differs by each backend's clock)."""
+    store = make_redis_store()
+    assert isinstance(store, RedisStore)
+    lib = (resources.files("balancer.capacity") / "lua" / "lib.lua").read_text("utf-8")
+    args = [limits_text(lim), *(repr(float(v)) for v in (
+        span, sent, low, low_wait, factor, peak, floor, steady, top, end.high,
+        end.high_wait, end.low, end.low_wait, target, end.reserved_at))]
+    got = [v.decode() if isinstance(v, bytes) else v
+           for v in await store.client.eval(lib + LEARNING_HARNESS, 0, *args)]
+    share = policy.window_share(lim, span, sent, Refusal(0, 0, low, low_wait), end)
+    cut = None if share is None else policy.cut_target(factor, share)
+    expected = [
+        "" if share is None else f"{share:.17g}",
+        "" if share is None else
+        ("1" if policy.window_usable(lim, factor, span, peak, floor, steady, share) else "0"),
+        "" if cut is None else f"{cut:.17g}",
+        f"{policy.bounded(lim, top, target):.17g}",
+        f"{policy.savings(lim, span, floor, steady, target):.17g}",
+        f"{policy.calm_seconds(lim):.17g}",
+        *(f"{getattr(policy, name):.17g}" for name in CONSTANTS),
+        f"{policy.window_end(span, end):.17g}",
+        "1" if policy.window_turn(lim, span, steady, peak) else "0",
+    ]
     assert got == expected
 
 

@@ -46,7 +46,11 @@ end
 
 local THROTTLE_TOLERANCE = 0.97
 local THROTTLE_MAX_CUT = 0.5
+local THROTTLE_BACKOFF = 0.9
 local DRIFT_DECREASE = 0.9
+local WINDOW_SPAN = 12.0
+local SATURATED = 0.9
+local RESERVE = 0.5
 local LATENCY_SMOOTHING = 0.2
 
 local function effective(lim, factor)
@@ -69,14 +73,51 @@ local function decrease(factor, lim, by)
   return math.max(lim.min_factor, factor * by)
 end
 
-local function throttled_factor(factor, lim, share)
-  if share >= factor * THROTTLE_TOLERANCE then return factor end
-  return math.max(lim.min_factor, factor * THROTTLE_MAX_CUT, share)
-end
-
 local function calm_seconds(lim)
   if lim.tokens_rate > 0 then return lim.tokens_capacity / lim.tokens_rate end
   return 0.0
+end
+
+-- nil where policy.window_share returns None; `start` and `ref` are policy.Refusals.
+local function window_share(lim, span, sent, start, ref)
+  local refill = (span + ref.high_wait - start.low_wait) * lim.tokens_rate
+  if span <= 0 or refill <= 0 then return nil end
+  return (sent + ref.high - start.low) / refill
+end
+
+local function window_end(now, ref)
+  if ref.reserved_at > 0 then return ref.reserved_at end
+  return now
+end
+
+local function window_turn(lim, now, older, newer)
+  local span = WINDOW_SPAN * calm_seconds(lim)
+  return older <= 0 or now - older > span or newer <= 0 or now - newer >= span / 3
+end
+
+local function savings(lim, span, floor, steady, share)
+  local gap = share - floor
+  if gap <= 0 then return 0.0 end
+  local rise = steady
+  if lim.recovery_rate > 0 then rise = math.min(steady, gap / lim.recovery_rate) end
+  return gap * (span - steady) + gap * rise - lim.recovery_rate * rise * rise / 2
+end
+
+local function window_usable(lim, factor, span, peak, floor, steady, share)
+  local calm = calm_seconds(lim)
+  if span > WINDOW_SPAN * calm or peak > SATURATED * lim.tokens_capacity * factor then
+    return false
+  end
+  return savings(lim, span, floor, steady, share) <= RESERVE * share * calm
+end
+
+local function cut_target(factor, share)
+  if share >= factor * THROTTLE_TOLERANCE then return nil end
+  return share * THROTTLE_BACKOFF
+end
+
+local function bounded(lim, top, target)
+  return math.max(lim.min_factor, top * THROTTLE_MAX_CUT, target)
 end
 
 local function smooth(average, sample)
@@ -195,17 +236,18 @@ end
 -- `b.eff` its effective limits: the configured ones scaled by the learned factor.
 local function load(key, lim, now)
   local v = redis.call('HMGET', key, 'tokens', 'requests', 'ts', 'cooldown_until',
-    'failures', 'tripped', 'factor', 'lat', 'calm')
+    'failures', 'tripped', 'factor', 'lat', 'calm', 'granted', 'peak')
   if not v[1] then
     return { tokens = lim.tokens_capacity, requests = lim.requests_capacity,
       cooldown_until = 0, failures = 0, tripped = 0, factor = 1.0, lat = 0.0,
-      calm_until = 0, eff = lim, exists = false }
+      calm_until = 0, granted = 0, peak = lim.tokens_capacity, eff = lim, exists = false }
   end
   local elapsed = now - tonumber(v[3])
   local factor = recover(tonumber(v[7]) or 1.0, elapsed, lim.recovery_rate)
   local eff = effective(lim, factor)
+  local tokens = refill(tonumber(v[1]), elapsed, eff.tokens_rate, eff.tokens_capacity)
   return {
-    tokens = refill(tonumber(v[1]), elapsed, eff.tokens_rate, eff.tokens_capacity),
+    tokens = tokens,
     requests = refill(tonumber(v[2]), elapsed, eff.requests_rate, eff.requests_capacity),
     cooldown_until = tonumber(v[4]) or 0,
     failures = tonumber(v[5]) or 0,
@@ -213,6 +255,8 @@ local function load(key, lim, now)
     factor = factor,
     lat = tonumber(v[8]) or 0.0,
     calm_until = tonumber(v[9]) or 0,
+    granted = tonumber(v[10]) or 0,
+    peak = math.max(tonumber(v[11]) or tokens, tokens),
     eff = eff,
     exists = true,
   }
@@ -234,8 +278,77 @@ local function save(key, b, now, ttl)
   redis.call('HSET', key, 'tokens', fmt(b.tokens), 'requests', fmt(b.requests),
     'ts', fmt(now), 'cooldown_until', fmt(b.cooldown_until),
     'failures', string.format('%d', b.failures), 'tripped', string.format('%d', b.tripped),
-    'factor', fmt(b.factor), 'lat', fmt(b.lat), 'calm', fmt(b.calm_until))
+    'factor', fmt(b.factor), 'lat', fmt(b.lat), 'calm', fmt(b.calm_until),
+    'granted', fmt(b.granted), 'peak', fmt(b.peak))
   expire(key, b, now, ttl)
+end
+
+-- Learned capacity's windows between 429s (MemoryStore's _Window), in the same hash:
+-- read only by the writes that use them (settle, cooldown, observe), not by acquire.
+local WINDOW_FIELDS = { 'start', 'granted', 'adjust', 'low', 'low_wait', 'peak', 'floor' }
+local WINDOW_DEFAULTS = { 0, 0, 0, 0, 0, 0, 1.0 }
+local LEARNING_FIELDS = { 'top', 'cut' }
+for _, side in ipairs({ 'a_', 'b_' }) do
+  for _, name in ipairs(WINDOW_FIELDS) do LEARNING_FIELDS[#LEARNING_FIELDS + 1] = side .. name end
+end
+
+local function load_learning(key, b)
+  local v = redis.call('HMGET', key, unpack(LEARNING_FIELDS))
+  b.calm_top = tonumber(v[1]) or 1.0
+  b.cut_at = tonumber(v[2]) or 0
+  local function window(offset)
+    local w = {}
+    for i, name in ipairs(WINDOW_FIELDS) do
+      w[name] = tonumber(v[offset + i]) or WINDOW_DEFAULTS[i]
+    end
+    return w
+  end
+  b.older = window(2)
+  b.newer = window(2 + #WINDOW_FIELDS)
+end
+
+local function save_learning(key, b)
+  local args = { 'top', fmt(b.calm_top), 'cut', fmt(b.cut_at) }
+  for _, pair in ipairs({ { 'a_', b.older }, { 'b_', b.newer } }) do
+    for _, name in ipairs(WINDOW_FIELDS) do
+      args[#args + 1] = pair[1] .. name
+      args[#args + 1] = fmt(pair[2][name])
+    end
+  end
+  redis.call('HSET', key, unpack(args))
+end
+
+-- Lower the factor toward `target`, by at most THROTTLE_MAX_CUT within one refill
+-- window (MemoryStore._shrink, policy.bounded). Needs load_learning.
+local function shrink(b, lim, now, target)
+  local fresh = now >= b.calm_until
+  local top = b.calm_top
+  if fresh then top = b.factor end
+  local factor = bounded(lim, top, target)
+  if factor < b.factor then
+    if fresh then
+      b.calm_top = b.factor
+      b.calm_until = now + calm_seconds(lim)
+    end
+    b.factor = factor
+    b.cut_at = now
+    b.older.floor = math.min(b.older.floor, factor)
+    b.newer.floor = math.min(b.newer.floor, factor)
+  end
+end
+
+-- The factor the window since `w`'s 429 asks for, ending at this 429 (MemoryStore's
+-- _window_target); nil for none.
+local function window_target(b, w, lim, now, ref)
+  if w.start <= 0 then return nil end
+  local e = window_end(now, ref)
+  local span = e - w.start
+  local share = window_share(lim, span, b.granted - w.granted + w.adjust, w, ref)
+  if share == nil or not window_usable(lim, b.factor, span, math.max(w.peak, b.peak),
+      w.floor, math.max(0.0, e - math.max(w.start, b.cut_at)), share) then
+    return nil
+  end
+  return cut_target(b.factor, share)
 end
 
 -- Redis < 5 needs effects replication to write after reading TIME; 5+ always does it.
