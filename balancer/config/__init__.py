@@ -26,8 +26,11 @@ from balancer.config.model import (
     SKUS,
     STORE_SCHEMES,
     AdmissionQueue,
+    Client,
+    ClientBudget,
     Config,
     Deployment,
+    FairShare,
     GatewayConfig,
     LatencyWeighting,
     LearnedCapacity,
@@ -42,7 +45,8 @@ from balancer.config.schema import ENV_REF, NAME, setting
 
 __all__ = [
     "DEFAULT_PATH", "ENV_REF", "KINDS", "NAME", "SETTLE_MODES", "SKUS", "STORE_SCHEMES",
-    "AdmissionQueue", "Config", "ConfigError", "Deployment", "GatewayConfig",
+    "AdmissionQueue", "Client", "ClientBudget", "Config", "ConfigError", "Deployment",
+    "FairShare", "GatewayConfig",
     "LatencyWeighting", "LearnedCapacity", "Listen", "Region", "Responses", "Secret", "StoreConfig",
     "Target", "config_path", "load", "parse", "setting",
 ]

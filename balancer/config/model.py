@@ -11,6 +11,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from balancer.config.schema import NAME, Check, setting
+from balancer.config.store import STORE_SCHEMES, StoreConfig
+
+__all__ = ["STORE_SCHEMES", "StoreConfig"]  # re-exported: the store's section lives in store.py
 from balancer.operations import NAMES as OPERATION_NAMES
 
 KINDS = ("azure", "openai")
@@ -21,8 +24,6 @@ SETTLE_MODES = ("quota", "usage")
 # standard: pay-as-you-go quota (TPM/RPM); provisioned: prepaid throughput units (PTU),
 # filled first within a priority tier, standard ones taking only the excess.
 SKUS = ("standard", "provisioned")
-# The one list of store URL schemes: validated here, dispatched on by capacity.factory.
-STORE_SCHEMES = ("memory", "redis", "rediss", "redis+cluster", "rediss+cluster")
 
 
 class Secret:
@@ -53,14 +54,6 @@ class Secret:
 
 def matches(reason: str) -> Check:
     return lambda value, _: None if NAME.match(value) else reason
-
-
-def store_url(url: str, _: Any = None) -> str | None:
-    scheme = urlsplit(url).scheme
-    if scheme not in STORE_SCHEMES:
-        return (f"unsupported store URL scheme {scheme!r} "
-                "(use memory://, redis://, rediss:// or redis+cluster://)")
-    return None
 
 
 def http_url(url: str, _: Any) -> str | None:
@@ -123,6 +116,28 @@ def rpm_from_tpm(deployment: Mapping[str, Any]) -> int:
 
 NAME_REASON = "must be 1-64 letters, digits, '.', '_' or '-'"
 
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def sha256_hex(digest: str | None, _: Any) -> str | None:
+    if digest is not None and not SHA256_HEX.fullmatch(digest):
+        return "must be 64 hex digits (the SHA-256 of the key, e.g. from sha256sum)"
+    return None
+
+
+def one_key(key: Secret | None, client: Mapping[str, Any]) -> str | None:
+    """A client names its key, or its key's SHA-256: exactly one of them."""
+    if key is not None and client["key_sha256"] is not None:
+        return "give key or key_sha256, not both"
+    if key is None and client["key_sha256"] is None:
+        return ("is required, and must not be empty: the client's API key (usually "
+                "${VAR}), or key_sha256")
+    return None
+
+
+def below_half(headroom: float, _: Any) -> str | None:
+    return None if headroom < 0.5 else f"must be < 0.5, got {headroom}"
+
 
 # -- sections ----------------------------------------------------------------------------
 
@@ -131,18 +146,6 @@ NAME_REASON = "must be 1-64 letters, digits, '.', '_' or '-'"
 class Listen:
     host: str = setting("0.0.0.0", "address to listen on")
     port: int = setting(8080, "TCP port to listen on")
-
-
-@dataclass(frozen=True)
-class StoreConfig:
-    url: str = setting("memory://", "capacity store; REDIS_URL overrides", check=store_url)
-    key_prefix: str = setting("bal", "prefix of every store key",
-                              check=matches("must be letters, digits, '.', '_' or '-'"))
-    cluster: bool = setting(False, "Redis Cluster even without a +cluster URL scheme")
-    timeout_seconds: float = setting(  # a slow store must not slow requests: degrade instead
-        0.25, "per store call", exclusive=True)
-    key_ttl_seconds: int = setting(3600, "removed regions' keys expire after this",
-                                   minimum=1)
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,17 @@ class GatewayConfig:
         30.0, "longest a client may take to send its request body", exclusive=True)
     max_body_bytes: int = setting(4 * 1024 * 1024, "larger request bodies get 413",
                                   minimum=1024)
+    # Above the largest legitimate answer: 2,048 embeddings of 3,072 dimensions in base64
+    # (the SDKs' default encoding) come to ~34 MB.
+    max_upstream_body_bytes: int = setting(
+        64 * 1024 * 1024, "larger answers from a region (decompressed; a stream's bytes "
+                          "in all) are cut: 502, or an error event", minimum=65536)
+    # aiohttp's keepalive_timeout: from a connection's start, or the end of its previous
+    # answer, to its next complete request head, so it also closes idle keep-alive
+    # connections; above the 60 s idle timeouts of common proxies pooling to the gateway.
+    header_timeout_seconds: float = setting(
+        75.0, "longest a connection may take to send a request's headers (or stay idle "
+              "between requests); read at start", exclusive=True)
     default_cooldown_seconds: float = setting(10.0, "cooldown after a 429 naming no wait")
     circuit_failures: int = setting(5, "consecutive 5xx/timeouts that open a circuit",
                                     minimum=1)
@@ -181,8 +195,9 @@ class GatewayConfig:
 @dataclass(frozen=True)
 class LearnedCapacity:
     """Shrink a region's effective capacity when it shows less than configured (a 429
-    implying a slower refill than configured, or fewer remaining tokens reported than
-    the bucket holds), and recover gradually when the evidence stops (AIMD)."""
+    implying a slower refill than configured, fewer tokens admitted between two 429s
+    than its configured rate refills, or fewer remaining tokens reported than the bucket
+    holds), and recover gradually when the evidence stops (AIMD)."""
 
     min_factor: float = setting(0.2, "never believe a region has less than this share "
                                      "of its TPM", exclusive=True, maximum=1)
@@ -290,6 +305,57 @@ class Region:
 
 
 @dataclass(frozen=True)
+class ClientBudget:
+    """A client's limits on one model (each optional): its own rates and token quotas."""
+
+    tpm: int | None = setting(None, "tokens per minute", minimum=1)
+    rpm: int | None = setting(None, "requests per minute", minimum=1)
+    tokens_per_day: int | None = setting(None, "tokens per UTC day", minimum=1)
+    tokens_per_month: int | None = setting(None, "tokens per UTC calendar month", minimum=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Client:
+    """A client (tenant) of the pool, known by its API key. load.py checks what spans
+    clients or sections: keys differ, `class` is a queue class, budgets name models."""
+
+    name: str = setting(doc="unique client name (a metric label)", required=True,
+                        fallback="?", check=matches(NAME_REASON))
+    # Before key, whose check reads it.
+    key_sha256: str | None = setting(
+        None, "the SHA-256 of the client's key, 64 hex digits (the file holds no secret)",
+        check=sha256_hex, normalize=lambda digest: digest.lower() if digest else digest)
+    key: Secret | None = setting(  # noqa: RUF009 (setting is a field specifier)
+        None, "the client's API key, usually ${VAR}", check=one_key)
+    priority_class: str | None = setting(
+        None, "admission-queue class of its requests (one of admission_queue.classes)",
+        yaml_name="class")
+    weight: float = setting(1.0, "its share of the pool when the pool runs short",
+                            exclusive=True)
+    budgets: Mapping[str, ClientBudget] = setting(
+        doc="model name -> its budget for that model", factory=dict,
+        non_empty="must be a non-empty mapping of model name to budget",
+        key_reason="model names must be 1-64 letters, digits, '.', '_' or '-'")
+
+    def __repr__(self) -> str:  # never the key, nor its digest
+        return (f"Client(name={self.name!r}, class={self.priority_class!r}, "
+                f"weight={self.weight}, budgets={sorted(self.budgets)})")
+
+
+@dataclass(frozen=True)
+class FairShare:
+    """When the pool runs short, each client with recent demand gets a share of it in
+    proportion to its weight (weighted max-min: what a modest client leaves goes to
+    the others)."""
+
+    enabled: bool = setting(True, "false: no fair share, only the clients' budgets")
+    window_seconds: float = setting(10.0, "how long demand and usage are remembered",
+                                    exclusive=True)
+    headroom: float = setting(0.05, "share of the pool kept free for clients asking less "
+                                    "than their share", check=below_half)
+
+
+@dataclass(frozen=True)
 class Target:
     """One place a model can be served: a deployment in a region."""
 
@@ -313,6 +379,9 @@ class Config:
     latency_weighting: LatencyWeighting = field(default_factory=LatencyWeighting)
     admission_queue: AdmissionQueue = field(default_factory=AdmissionQueue)
     responses: Responses = field(default_factory=Responses)
+    clients: tuple[Client, ...] = setting(
+        (), "the clients (tenants) and their keys, budgets and weights", unique="name")
+    fair_share: FairShare = field(default_factory=FairShare)
     source: str = setting("<defaults>", "the file this was read from", internal=True)
 
     @property

@@ -23,6 +23,7 @@ Rules a `setting` may carry (anything else is a TypeError at import):
   key_reason    reason when a mapping key is not a name (NAME)
   fixed_keys    the mapping's keys are those of its default; the file overrides some
   unique        for a list of dataclasses: the attribute that must differ between items
+  yaml_name     the key in the file, when it cannot be the attribute's name (`class`)
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 RULES = frozenset({
     "doc", "minimum", "exclusive", "maximum", "choices", "required", "fallback",
     "default_from", "check", "normalize", "simulated", "internal", "non_empty",
-    "key_reason", "fixed_keys", "unique"})
+    "key_reason", "fixed_keys", "unique", "yaml_name"})
 Check = Callable[[Any, Mapping[str, Any]], str | None]
 
 _UNSET: Any = object()  # no usable value: the field's default (or fallback) applies
@@ -58,7 +59,12 @@ def setting(default: Any = MISSING, doc: str = "", *, factory: Any = MISSING,
 
 def file_keys(cls: type) -> set[str]:
     """The keys a mapping for `cls` may hold: the allow-list."""
-    return {f.name for f in fields(cls) if not f.metadata.get("internal")}
+    return {_key(f) for f in fields(cls) if not f.metadata.get("internal")}
+
+
+def _key(f: Field[Any]) -> str:
+    """A field's key in the file: its name, unless its `yaml_name` says otherwise."""
+    return f.metadata.get("yaml_name", f.name)
 
 
 def expand_env(text: str, env: Mapping[str, str]) -> tuple[str, list[str]]:
@@ -95,8 +101,8 @@ class Walker:
         values = dict(given or {})
         for f in fields(cls):
             if f.name not in values and not f.metadata.get("internal"):
-                values[f.name] = self.field(f, _hints(cls)[f.name], m.get(f.name),
-                                            _join(path, f.name), values)
+                values[f.name] = self.field(f, _hints(cls)[f.name], m.get(_key(f)),
+                                            _join(path, _key(f)), values)
         return cls(**values)
 
     def field(self, f: Field[Any], tp: Any, raw: Any, path: str, values: Mapping[str, Any]
@@ -105,9 +111,10 @@ class Walker:
         if is_dataclass(tp):  # a section: absent means all its defaults
             return self.build(tp, raw, path)
         default = _default(f, values)
-        value = _UNSET
+        value, unusable = _UNSET, False
         if raw is not None:
             value = self.value(tp, raw, path, meta, default)
+            unusable = value is _UNSET  # and said why: its check would only add noise
         elif meta.get("required"):
             self.fail(path, "is required" if meta["required"] is True else meta["required"])
         text_default = default if default is not _UNSET else meta.get("fallback")
@@ -119,7 +126,7 @@ class Walker:
                 return meta.get("fallback")
             value = default
         check: Check | None = meta.get("check")
-        if check and (reason := check(value, values)):
+        if check and not unusable and (reason := check(value, values)):
             self.fail(path, reason)
         normalize = meta.get("normalize")
         return normalize(value) if normalize else value
