@@ -58,10 +58,13 @@ def main(argv: list[str] | None = None) -> int:
                     "the installed package: run them from a clone (`make bench` runs both). "
                     "`balancer bench balance --help` lists a benchmark's options.")
     bench.add_argument("benchmark",
-                       choices=["balance", "overhead", "scenarios", "ptu"],
+                       choices=["balance", "overhead", "scenarios", "ptu", "learning",
+                                "fairness"],
                        help="balance: quota delivered per strategy; overhead: cost per request; "
                             "scenarios: each later policy ON vs OFF where it should matter; "
-                            "ptu: provisioned throughput first, standard for the excess")
+                            "ptu: provisioned throughput first, standard for the excess; "
+                            "learning: learned capacity per rate-limit header style; "
+                            "fairness: client budgets and fair share of the pool")
     bench.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's options")
 
     args = parser.parse_args(argv)
@@ -162,12 +165,17 @@ async def _serve(cfg: Config, *, simulate: bool) -> int:
     app = create_app(rewrite(cfg))
     reload.install(app, cfg.source, load)
     gw = cfg.gateway
-    runner = GatewayRunner(app, access_log=None, shutdown_timeout=gw.drain_timeout_seconds)
+    # keepalive_timeout (aiohttp's, public): a connection without a complete request head
+    # that long after its start or its previous answer is closed: slow headers are bounded.
+    runner = GatewayRunner(app, access_log=None, shutdown_timeout=gw.drain_timeout_seconds,
+                           keepalive_timeout=gw.header_timeout_seconds)
     await runner.setup()
     site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port, reuse_address=True)
     await site.start()
-    log.info("balancer listening on http://%s:%d (store %s, config %s)", cfg.listen.host,
-             cfg.listen.port, app[RUNTIME].store.name, cfg.source)
+    # The store URL as redacted_url gives it: a password in it shows as ***.
+    log.info("balancer listening on http://%s:%d (store %s at %s, config %s)",
+             cfg.listen.host, cfg.listen.port, app[RUNTIME].store.name,
+             cfg.store.redacted_url, cfg.source)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -51,7 +51,8 @@ class Metrics:
             ["model", "region", "sku"], registry=r)
         self.upstream_errors = counter(
             "balancer_upstream_errors", "Failed attempts at a region: 5xx, connect errors, "
-            "timeouts, broken streams, no Entra token (reason auth).",
+            "timeouts, broken streams, no Entra token (reason auth), an answer larger than "
+            "gateway.max_upstream_body_bytes (reason upstream_body_too_large).",
             ["model", "region", "reason"], registry=r)
         self.tokens = counter(
             "balancer_tokens", "Tokens the regions reported in usage, by kind "
@@ -73,8 +74,29 @@ class Metrics:
             ["model", "reason"], registry=r)
         self.rejections = counter(
             "balancer_client_rejections", "Requests refused before reaching a region, by "
-            "reason (auth, bad_request, not_found, too_large, no_capacity).",
+            "reason (auth, bad_request, not_found, too_large, no_capacity, client_limit: the "
+            "client's own budget or fair share; balancer_client_limited_total says which).",
             ["reason"], registry=r)
+        # Per client (a name from regions.yaml's `clients`, or key-N for the N-th of
+        # BALANCER_API_KEYS, or anonymous: never request input) and configured model.
+        self.client_requests = counter(
+            "balancer_client_requests", "Client requests answered, by client, model and the "
+            "HTTP status returned.", ["client", "model", "status"], registry=r)
+        self.client_tokens = counter(
+            "balancer_client_tokens", "Tokens the regions reported in usage for a client's "
+            "requests, by kind (prompt, completion).", ["client", "model", "kind"], registry=r)
+        self.client_limited = counter(
+            "balancer_client_limited", "A client's requests refused with 429 before reaching a "
+            "region, by the limit hit: its own budget (rpm, tpm, day, month), its fair share "
+            "of a pool that runs short (fair_share), or the pool itself (no_capacity).",
+            ["client", "model", "reason"], registry=r)
+        self.client_budget = gauge(
+            "balancer_client_budget_tokens", "A client's configured token budget for a model, "
+            "by period (minute: tpm, day, month).", ["client", "model", "period"], registry=r)
+        self.client_remaining = gauge(
+            "balancer_client_budget_remaining_tokens", "Tokens left of a client's budget, by "
+            "period (minute: its tpm bucket now; day, month: the quota less what was used), "
+            "read from the store at scrape time.", ["client", "model", "period"], registry=r)
         self.remaining_tokens = region_gauge(
             "balancer_remaining_tokens", "Tokens left in a region's bucket, read from the "
             "store at scrape time.")

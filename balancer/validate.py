@@ -38,7 +38,10 @@ def parse(op: Operation, raw: bytes, path_model: str | None) -> ClientRequest:
     if not raw:
         raise bad("The request body is empty; send a JSON object.", code="invalid_json")
     try:
-        body = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+        text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+        body = _DECODER.decode(text)
+    except _DuplicateKey:
+        raise _duplicate(text) from None
     except ValueError:
         raise bad("The request body is not valid JSON.", code="invalid_json") from None
     except RecursionError:
@@ -86,9 +89,64 @@ def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not JSON")
 
 
-# json.loads, minus NaN and Infinity: Python accepts them, JSON (and so the upstream)
-# does not. One decoder for all: json.loads with a keyword builds one per call.
-_DECODER = json.JSONDecoder(parse_constant=_not_json)
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object, refused when a key repeats: Python's json keeps the last value, other
+    parsers (the region's) may keep the first, so the gateway would route, check and
+    charge one request while the region serves another."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        raise _DuplicateKey
+    return obj
+
+
+# json.loads, minus NaN and Infinity (Python accepts them, JSON and so the upstream do
+# not) and duplicate keys. One decoder for all: json.loads with a keyword builds one per
+# call.
+_DECODER = json.JSONDecoder(parse_constant=_not_json, object_pairs_hook=_unique)
+
+
+class _Pairs(list[tuple[str, Any]]):
+    """An object's (key, value) pairs, every one kept."""
+
+
+def _duplicate(text: str) -> ClientError:
+    """The 400 for a body with a repeated key, naming where it is (`messages[0].content`):
+    only then is the body parsed again, keeping every pair."""
+    try:
+        path = _duplicate_path(json.JSONDecoder(object_pairs_hook=_Pairs).decode(text))
+    except (ValueError, RecursionError):  # past the duplicate, it was not JSON anyway
+        path = ""
+    where = f"the key '{path}'" if path else "a key"
+    return bad(f"The request body has {where} more than once: send each key once (the "
+               "gateway and the region could read different values).", path or None,
+               "duplicate_key")
+
+
+def _duplicate_path(tree: Any) -> str:
+    """The path of the first repeated key (depth first, in document order; iterative: no
+    recursion). Paths are cut at 256 characters as they are built, so a body of long keys
+    cannot make them large."""
+    stack: list[tuple[Any, str]] = [(tree, "")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, _Pairs):
+            seen: set[str] = set()
+            for key, _ in node:
+                if key in seen:
+                    return _child(path, key)
+                seen.add(key)
+            stack.extend(reversed([(value, _child(path, key)) for key, value in node]))
+        elif isinstance(node, list):
+            stack.extend(reversed([(v, f"{path}[{i}]"[:256]) for i, v in enumerate(node)]))
+    return ""
+
+
+def _child(path: str, key: str) -> str:
+    return (f"{path}.{key}" if path else key)[:256]
 
 
 def _too_deep() -> ClientError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,7 +17,7 @@ from balancer import config as config_mod
 from balancer import logs, sim
 from balancer.capacity.base import CapacityStore
 from balancer.config import Config
-from balancer.gateway import create_app
+from balancer.gateway import clients, create_app
 from balancer.protocol import GatewayRunner
 from balancer.sim import SimConfig, SimDeployment, SimRegion
 
@@ -33,6 +34,21 @@ def _root_logging_restored() -> Any:
     root.handlers[:] = handlers
     root.setLevel(level)
     logs._stream = stream
+
+
+@pytest.fixture
+def digest_comparisons(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The lengths of both sides of every hmac.compare_digest the key checks make from
+    now on (the real comparison still runs): a constant-time check compares digests."""
+    calls: list[tuple[int, int]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(clients.hmac, "compare_digest", spy)
+    return calls
 
 
 def free_port() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 
 from balancer import policy, upstream
 from balancer.capacity.base import Grant
@@ -40,6 +41,10 @@ async def settle(call: Call, grant: Grant, usage: Usage, elapsed: float) -> None
     op = call.req.op.name
     call.rt.child(m.tokens, grant.model, grant.region, "prompt", op).inc(prompt)
     call.rt.child(m.tokens, grant.model, grant.region, "completion", op).inc(completion)
+    if call.record.client is not None:
+        call.rt.child(m.client_tokens, call.record.client, grant.model, "prompt").inc(prompt)
+        call.rt.child(m.client_tokens, call.record.client, grant.model,
+                      "completion").inc(completion)
     if provisioned and grant.region not in provisioned:  # PTUs exist, PAYG served: spilled
         call.rt.child(m.spilled_requests, grant.model).inc()
         call.rt.child(m.spilled_tokens, grant.model).inc(prompt + completion)
@@ -54,22 +59,28 @@ async def throttled(call: Call, grant: Grant, headers: Mapping[str, str], body: 
     call.rt.metrics.upstream_throttled.labels(grant.model, grant.region,
                                               call.rt.sku(grant.model, grant.region)).inc()
     await call.rt.store.settle(grant, 0)
-    await call.rt.store.cooldown(grant.model, grant.limits, throttle.seconds,
-                                 share=implied_share(call, grant, throttle, headers))
+    share, refusal = evidence(call, grant, throttle, headers)
+    await call.rt.store.cooldown(grant.model, grant.limits, throttle.seconds, share=share,
+                                 refusal=refusal)
     return throttle.seconds
 
 
-def implied_share(call: Call, grant: Grant, throttle: upstream.Throttle,
-                  headers: Mapping[str, str]) -> float | None:
-    """What this 429 says of the region's real refill (policy.implied_share); nothing
-    with learning off, nor from a provisioned deployment (README: its wait runs until its
-    utilization drops under 100%, not until the request's cost fits)."""
+def evidence(call: Call, grant: Grant, throttle: upstream.Throttle,
+             headers: Mapping[str, str]) -> tuple[float | None, policy.Refusal | None]:
+    """What this 429 says of the region's real refill: the share it implies alone
+    (policy.implied_share) and the bounds it puts on the region's level, which the store
+    reads with the previous 429s' (policy.refusal). Nothing with learning off, nor from a
+    provisioned deployment (README: its wait runs until its utilization drops under
+    100%, not until the request's cost fits, and it may be overdrawn)."""
     if not call.config.learned_capacity.enabled or \
             call.rt.sku(grant.model, grant.region) == "provisioned":
-        return None
-    return policy.implied_share(grant.limits, grant.tokens, throttle.seconds,
-                                throttle.precision, upstream.remaining_tokens(headers),
-                                upstream.remaining_requests(headers))
+        return None, None
+    args = (grant.limits, grant.tokens, throttle.seconds, throttle.precision,
+            upstream.remaining_tokens(headers), upstream.remaining_requests(headers))
+    refusal = policy.refusal(*args)
+    if refusal is not None and grant.source == "shared":  # a local grant's record is not ours
+        refusal = replace(refusal, reserved_at=grant.at, granted=grant.granted)
+    return policy.implied_share(*args), refusal
 
 
 async def learn_remaining(call: Call, grant: Grant, headers: Mapping[str, str]) -> None:

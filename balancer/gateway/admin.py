@@ -1,10 +1,12 @@
-"""The routes around the API: models, health, readiness, region state and metrics."""
+"""The routes around the API: models, health, readiness, region state and metrics
+(GET /clients is `usage.clients`)."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from balancer.gateway.clients import authorize
+from balancer.gateway import usage
+from balancer.gateway.clients import authorize, authorize_admin
 from balancer.gateway.runtime import RUNTIME
 
 METRICS_RENDER = web.AppKey("metrics_render", object)
@@ -32,7 +34,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def regions(request: web.Request) -> web.Response:
     """Per model and region: remaining tokens, cooldown and circuit. No endpoints, no keys."""
     rt = request.app[RUNTIME]
-    authorize(request, rt)
+    authorize_admin(request, rt)
     if not rt.config.gateway.expose_regions:
         raise web.HTTPNotFound()
     models = {}
@@ -60,11 +62,17 @@ async def regions(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Refresh the gauges read from the store, then render the registry."""
+    """Refresh the gauges read from the store, then render the registry. Open, unless
+    BALANCER_ADMIN_KEYS is set: then it needs an admin key."""
     rt = request.app[RUNTIME]
-    m, routes = rt.metrics, rt.routes  # a reload during the awaits must not mix configs
-    snapshots = {model: await rt.store.snapshot(model, route.limits)
+    if rt.keys.admin:
+        authorize_admin(request, rt)
+    m, routes, config = rt.metrics, rt.routes, rt.config  # a reload during the awaits
+    snapshots = {model: await rt.store.snapshot(model, route.limits)  # must not mix configs
                  for model, route in routes.items()}
+    # Each configured client's budgets and what is left of them (gateway.usage, as
+    # GET /clients shows them): one store call per model.
+    budgeted = await usage.rows(rt.store, config, usage.budgeted_models)
     region_gauges = (m.region_tpm, m.remaining_tokens, m.remaining_requests, m.capacity_tokens,
                      m.cooldown, m.circuit_open, m.capacity_factor, m.latency_per_token)
     for gauge in region_gauges:  # a region removed by a reload must not linger
@@ -81,6 +89,7 @@ async def metrics(request: web.Request) -> web.Response:
             m.circuit_open.labels(*labels).set(1 if state.circuit == "open" else 0)
             m.capacity_factor.labels(*labels).set(state.factor)
             m.latency_per_token.labels(*labels).set(state.latency)
+    usage.set_gauges(m, budgeted)  # cleared first: a removed client must not linger
     m.store_degraded.set(1 if rt.store.degraded else 0)
     m.live_replicas.set(rt.store.replicas)
     return await request.app[METRICS_RENDER](request)

@@ -25,8 +25,12 @@ async def admit(call: Call, route: ModelRoute, avoid: set[str]) -> Grant | Wait:
     the store's refill arithmetic: no spinning."""
     rt, aq, model = call.rt, call.config.admission_queue, call.req.model
     cost = call.estimate.total
+    # The request's first call counts its cost as the client's demand (fair share);
+    # its later attempts and its waits in the queue ask for the same tokens again.
+    client, demand, call.demanded = call.client, not call.demanded, True
     if not aq.enabled:
-        return await rt.store.acquire(model, route.limits, cost, random.random(), avoid)
+        return await rt.store.acquire(model, route.limits, cost, random.random(), avoid,
+                                      client=client, demand=demand)
     loop = asyncio.get_running_loop()
     started = loop.time()
     if call.wait_until is None:
@@ -41,7 +45,8 @@ async def admit(call: Call, route: ModelRoute, avoid: set[str]) -> Grant | Wait:
     try:
         while True:
             result = await rt.store.acquire(model, route.limits, cost, random.random(), avoid,
-                                            queue=queue)
+                                            queue=queue, client=client, demand=demand)
+            demand = False
             if isinstance(result, Grant) or not result.queued:
                 return result
             queued = True

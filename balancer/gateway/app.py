@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 import balancer.gateway.admin as admin
+import balancer.gateway.usage as usage
 from balancer import upstream
 from balancer.capacity.base import CapacityStore
 from balancer.capacity.factory import create_store
 from balancer.config import Config
-from balancer.gateway.clients import client_keys
 from balancer.gateway.middleware import add_request_id, openai_errors
 from balancer.gateway.proxy import azure_dated_route, azure_route, openai_route
 from balancer.gateway.runtime import RUNTIME, Runtime
@@ -35,11 +36,17 @@ def open_store(config: Config, metrics: Metrics) -> CapacityStore:
 
 
 def create_app(config: Config, *, store: CapacityStore | None = None,
-               api_keys: tuple[bytes, ...] | None = None) -> web.Application:
+               api_keys: tuple[bytes, ...] | None = None,
+               env: Mapping[str, str] | None = None) -> web.Application:
+    """`env`: where BALANCER_API_KEYS and BALANCER_ADMIN_KEYS are read, at start and on
+    every reload (default: os.environ); `api_keys` (tests): these client keys instead
+    of BALANCER_API_KEYS's."""
     metrics = Metrics()
-    keys, classes = client_keys() if api_keys is None else (api_keys, ())
+    env = os.environ if env is None else env
+    if api_keys is not None:
+        env = {**env, "BALANCER_API_KEYS": ",".join(k.decode() for k in api_keys)}
     rt = Runtime(config=config, store=store or open_store(config, metrics), metrics=metrics,
-                 api_keys=keys, key_classes=classes)
+                 env=env)
     app = web.Application(middlewares=[openai_errors])
     app[RUNTIME] = rt
     app[admin.METRICS_RENDER] = make_aiohttp_handler(metrics.registry)
@@ -55,6 +62,7 @@ def create_app(config: Config, *, store: CapacityStore | None = None,
     app.router.add_get("/healthz", admin.healthz)
     app.router.add_get("/readyz", admin.readyz)
     app.router.add_get("/regions", admin.regions)
+    app.router.add_get("/clients", usage.clients)
     app.router.add_get("/metrics", admin.metrics)
     return app
 

@@ -9,7 +9,8 @@ from aiohttp import web
 
 from balancer import cost, errors, validate
 from balancer.config import Config, GatewayConfig
-from balancer.gateway.runtime import Record, Runtime, new_id
+from balancer.gateway.runtime import ANONYMOUS, Record, Runtime, Tenant, new_id
+from balancer.tenancy import ClientLimits
 
 
 @dataclass(slots=True)
@@ -24,9 +25,12 @@ class Call:
     config: Config
     record: Record
     priority: int = 0  # rank of its class in the admission queue: higher goes first
+    tenant: Tenant = ANONYMOUS  # who it is from (clients.authorize)
     ticket: str = field(default_factory=new_id)  # its place in the queue
     wait_until: float | None = None  # loop time its wait budget ends (set on first admit)
     first_admit: float = 0.0  # loop time of its first admission attempt
+    client: ClientLimits | None = None  # its client's budget and fair share on this model
+    demanded: bool = False  # its cost already counted as the client's demand
 
     @property
     def gw(self) -> GatewayConfig:

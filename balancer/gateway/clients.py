@@ -1,67 +1,76 @@
-"""The client side of a request: its key, and its body read within bounds."""
+"""The client side of a request: who it is from (its key), and its body read within
+bounds."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import hmac
-import os
-from collections.abc import Mapping
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from balancer.errors import ClientError
-from balancer.gateway.runtime import Runtime
+from balancer.gateway.runtime import ANONYMOUS, Runtime, Tenant, digests
+
+__all__ = ["ANONYMOUS", "Tenant", "authorize", "authorize_admin", "digests", "presented",
+           "read_body"]
 
 JSON_TYPES = ("application/json", "")
 
 
-def client_keys(env: Mapping[str, str] = os.environ
-                ) -> tuple[tuple[bytes, ...], tuple[str | None, ...]]:
-    """BALANCER_API_KEYS: comma-separated keys, each optionally `KEY#class` to give its
-    requests a priority class of the admission queue."""
-    keys, classes = [], []
-    for entry in env.get("BALANCER_API_KEYS", "").split(","):
-        key, _, cls = entry.strip().partition("#")
-        if key:
-            keys.append(key.encode())
-            classes.append(cls or None)
-    return tuple(keys), tuple(classes)
-
-
-def authorize(request: web.Request, rt: Runtime) -> str | None:
-    """With client keys configured, every API route needs one (Bearer or api-key),
-    compared in constant time against every key so timing reveals nothing. Returns the
-    priority class configured for the key (`KEY#class` in BALANCER_API_KEYS), if any."""
-    if not rt.api_keys:
-        return None
-    given = request.headers.get("api-key", "")
-    auth = request.headers.get("Authorization", "")
-    if not given and auth[:7].lower() == "bearer ":
-        given = auth[7:].strip()
-    # Fixed-length digests: compare_digest's time then depends on neither the keys'
-    # contents nor their lengths. surrogateescape gives back the bytes as sent, so a
-    # header that is not UTF-8 is merely a wrong key (strict encoding raised: a 500).
-    candidate = hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest()
-    ok = False
-    key_class = None
-    for key, cls in zip(digests(rt.api_keys), rt.key_classes or (None,) * len(rt.api_keys),
-                        strict=True):
-        same = hmac.compare_digest(candidate, key)
+def authorize(request: web.Request, rt: Runtime) -> Tenant:
+    """The tenant whose key the request carries (Bearer or api-key). With no client key
+    configured (neither `clients:` in regions.yaml nor BALANCER_API_KEYS) every request
+    is ANONYMOUS; with any, a missing or unknown key is a 401. The key is compared in
+    constant time against every key, so timing reveals nothing. Admin keys are not
+    client keys."""
+    table = rt.keys  # one read: a reload may swap it
+    if not table.digests:
+        return ANONYMOUS
+    given, candidate = presented(request)
+    ok, tenant = False, ANONYMOUS
+    for digest, each in zip(table.digests, table.tenants, strict=True):
+        same = hmac.compare_digest(candidate, digest)
+        tenant = each if same and not ok else tenant  # the first match: a client's
         ok |= same
-        key_class = cls if same else key_class
     if not ok:
         raise ClientError(401, "Incorrect API key provided." if given else
                           "You didn't provide an API key. Use 'Authorization: Bearer KEY' or "
                           "an 'api-key' header.", "invalid_api_key", reason="auth")
-    return key_class
+    return tenant
 
 
-@functools.lru_cache(maxsize=8)
-def digests(keys: tuple[bytes, ...]) -> tuple[bytes, ...]:
-    return tuple(hashlib.sha256(k).digest() for k in keys)
+def authorize_admin(request: web.Request, rt: Runtime) -> None:
+    """The admin routes (/regions, /metrics, /clients). With BALANCER_ADMIN_KEYS set they
+    need one of those keys, compared as `authorize` does; a client key never grants
+    admin. Without, what `authorize` asks (a client key, when any is configured)."""
+    table = rt.keys
+    if not table.admin:
+        authorize(request, rt)
+        return
+    given, candidate = presented(request)
+    ok = False
+    for digest in table.admin:
+        ok |= hmac.compare_digest(candidate, digest)
+    if not ok:
+        raise ClientError(401, "This route needs an admin key (one of BALANCER_ADMIN_KEYS) "
+                          "in 'Authorization: Bearer KEY' or an 'api-key' header; client "
+                          "keys are not admin keys." if given else
+                          "This route needs an admin key: use 'Authorization: Bearer KEY' or "
+                          "an 'api-key' header.", "invalid_api_key", reason="auth")
+
+
+def presented(request: web.Request) -> tuple[str, bytes]:
+    """The key a request carries (`api-key`, else `Authorization: Bearer`), and its
+    SHA-256. Fixed-length digests: compare_digest's time then depends on neither the
+    keys' contents nor their lengths. surrogateescape gives back the bytes as sent, so a
+    header that is not UTF-8 is merely a wrong key (strict encoding raised: a 500)."""
+    given = request.headers.get("api-key", "")
+    auth = request.headers.get("Authorization", "")
+    if not given and auth[:7].lower() == "bearer ":
+        given = auth[7:].strip()
+    return given, hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest()
 
 
 async def read_body(request: web.Request, limit: int, seconds: float) -> bytes:

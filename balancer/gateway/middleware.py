@@ -48,6 +48,9 @@ async def openai_errors(request: web.Request, handler):  # type: ignore[no-untyp
         if not response.prepared:  # streams count themselves once relayed
             rt.child(rt.metrics.requests, record.model, record.region or "none",
                      str(response.status), record.operation).inc()
+            if record.client is not None:
+                rt.child(rt.metrics.client_requests, record.client, record.model,
+                         str(response.status)).inc()
         rt.access.write({
             "request_id": request_id, "method": request.method, "path": request.path,
             "model": record.model, "operation": record.operation, "region": record.region,
@@ -73,3 +76,5 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
     record = request.get(RECORD)
     if record is not None:
         response.headers["x-request-id"] = record.request_id
+        if record.headers:  # the client's own x-ratelimit-* (gateway.budgets)
+            response.headers.update(record.headers)

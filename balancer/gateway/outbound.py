@@ -12,7 +12,6 @@ import aiohttp
 from balancer import upstream
 from balancer.config import Secret, Target
 from balancer.entra import EntraAuth
-from balancer.upstream import TRANSPORT_ERRORS
 
 
 async def send(session: aiohttp.ClientSession, auth: EntraAuth, target: Target,
@@ -27,10 +26,8 @@ async def send(session: aiohttp.ClientSession, auth: EntraAuth, target: Target,
                                headers=upstream.headers(target, token))
     if token is None or up.status != 401:
         return up
-    try:
-        await up.read()  # kept: the 401 is the answer if there is no retry
-    except TRANSPORT_ERRORS:
-        pass
+    # Its body is left unread: the 401 is the answer if there is no retry, and the caller
+    # reads it within max_upstream_body_bytes (released unread, the connection closes).
     try:
         fresh = await auth.refresh(region, token)
     except BaseException:

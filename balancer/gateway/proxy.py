@@ -21,14 +21,14 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from balancer import errors, validate
-from balancer.capacity.base import Wait
+from balancer.capacity.base import Grant, Wait
 from balancer.errors import ClientError
-from balancer.gateway import affinity
+from balancer.gateway import affinity, budgets
 from balancer.gateway.admission import admit, priority_of
 from balancer.gateway.attempt import forward
 from balancer.gateway.call import Call, Failure
 from balancer.gateway.clients import authorize, read_body
-from balancer.gateway.runtime import RECORD, RUNTIME, ModelRoute
+from balancer.gateway.runtime import ANONYMOUS, RECORD, RUNTIME, ModelRoute
 from balancer.operations import OPERATIONS, Operation
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -86,7 +86,7 @@ async def proxy(request: web.Request, op: Operation, path_model: str | None
                 ) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     record = request[RECORD]
-    key_class = authorize(request, rt)
+    tenant = authorize(request, rt)
     raw = await read_body(request, rt.config.gateway.max_body_bytes,
                           rt.config.gateway.body_timeout_seconds)
     req = validate.parse(op, raw, path_model)
@@ -100,7 +100,12 @@ async def proxy(request: web.Request, op: Operation, path_model: str | None
         route, context = await affinity.continued(rt, req, route)
     estimate = op.estimate(req.body, route.default_max_tokens, context)
     call = Call(rt, request, req, estimate, config, record,
-                priority=priority_of(request, config, key_class))
+                priority=priority_of(request, config, tenant.key_class), tenant=tenant)
+    if tenant is not ANONYMOUS:  # an open gateway has one client: nothing to share
+        record.client = tenant.name
+        call.client = budgets.client_limits(tenant.name, tenant.weight,
+                                            tenant.budgets.get(req.model), config.gateway,
+                                            config.fair_share)
     return await attempts(call, route)
 
 
@@ -123,12 +128,13 @@ async def attempts(call: Call, route: ModelRoute) -> web.StreamResponse:
         grant = await admit(call, route, avoid)  # may wait in the admission queue
         if isinstance(grant, Wait):
             if failure is None:
-                rt.metrics.rejections.labels("no_capacity").inc()
-                return errors.no_capacity(model, grant.retry_after)
+                return refused(call, grant)
             break
         if failure is not None:
             rt.metrics.retries.labels(model, failure.reason).inc()
         record.attempts, record.region = attempt, grant.region
+        if grant.budget is not None and grant.client is not None:
+            record.headers = rate_limit_headers(call, grant)
         rt.child(rt.metrics.selections, model, grant.region).inc()
         outcome = await forward(call, grant, route.targets[grant.region], remaining)
         if isinstance(outcome, web.StreamResponse):
@@ -144,3 +150,25 @@ async def attempts(call: Call, route: ModelRoute) -> web.StreamResponse:
     if failure is None:  # the deadline passed before any attempt
         return errors.no_capacity(model, gw.default_cooldown_seconds)
     return failure.response()
+
+
+def refused(call: Call, wait: Wait) -> web.Response:
+    """429 before any region: the pool has no capacity now, or the client's own budget
+    or fair share refused (the body says which)."""
+    rt, model = call.rt, call.req.model
+    reason = "no_capacity" if wait.reason == "capacity" else wait.reason
+    if call.record.client is not None:
+        rt.child(rt.metrics.client_limited, call.record.client, model, reason).inc()
+    if wait.reason == "capacity":
+        rt.metrics.rejections.labels("no_capacity").inc()
+        return errors.no_capacity(model, wait.retry_after)
+    rt.metrics.rejections.labels("client_limit").inc()
+    return budgets.refused(call.record.client or "?", model, wait)
+
+
+def rate_limit_headers(call: Call, grant: Grant) -> dict[str, str]:
+    assert grant.client is not None and grant.budget is not None
+    budget = call.tenant.budgets.get(call.req.model)
+    if budget is None:
+        return {}
+    return budgets.rate_limit_headers(grant.client, grant.budget, budget.tpm, budget.rpm)

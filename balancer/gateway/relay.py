@@ -24,6 +24,7 @@ from balancer.upstream import TRANSPORT_ERRORS
 
 log = logging.getLogger("balancer")
 CLIENT_GONE = (ConnectionError, aiohttp.ClientConnectionResetError)
+TOO_LARGE = "upstream_body_too_large"  # an answer past gateway.max_upstream_body_bytes
 
 
 def relay_body(status: int, body: bytes, up: aiohttp.ClientResponse, region: str
@@ -54,12 +55,19 @@ async def relay_stream(call: Call, grant: Grant, up: aiohttp.ClientResponse, sen
     client_gone = False
     chunks = _chunks(up, first)
     pinned = not req.op.stateful
+    limit, size = call.gw.max_upstream_body_bytes, 0
     while True:
         try:
             chunk = await anext(chunks, None)
         except TRANSPORT_ERRORS as exc:
             broken = "timeout" if isinstance(exc, TimeoutError) else "stream_broken"
             break
+        if chunk is not None:
+            size += len(chunk)  # what was read, so an event that never ends is bounded too
+            if size > limit:  # the rest is not read (the connection is not reused); the
+                broken = TOO_LARGE  # whole events within the cap still go out
+                up.close()
+                chunk = chunk[:len(chunk) - (size - limit)]
         out = tap.feed(chunk) if chunk is not None else tap.flush()
         if tap.object_id is not None and not pinned:  # before the client sees the id
             pinned = True
@@ -70,7 +78,7 @@ async def relay_stream(call: Call, grant: Grant, up: aiohttp.ClientResponse, sen
             except CLIENT_GONE:
                 client_gone = True
                 break
-        if chunk is None:
+        if chunk is None or broken:
             break
     if not broken and not client_gone and not tap.done:
         broken = "stream_broken"  # the region closed without its final event
@@ -79,8 +87,7 @@ async def relay_stream(call: Call, grant: Grant, up: aiohttp.ClientResponse, sen
         await region_failed(call, grant, broken, refund=False)
         if not client_gone:
             try:
-                await response.write(error_event(
-                    "The upstream region broke the stream; the answer is incomplete.", broken))
+                await response.write(_broken_event(broken, limit))
             except CLIENT_GONE:
                 client_gone = True
     if tap.usage is not None:
@@ -93,27 +100,49 @@ async def relay_stream(call: Call, grant: Grant, up: aiohttp.ClientResponse, sen
     if not client_gone:
         await _finish(response)
     call.rt.child(call.rt.metrics.requests, req.model, region, "200", req.op.name).inc()
+    if call.record.client is not None:
+        call.rt.child(call.rt.metrics.client_requests, call.record.client, req.model,
+                      "200").inc()
     return response
 
 
-async def relay_events(request: web.Request, up: aiohttp.ClientResponse, region: str
-                       ) -> web.StreamResponse:
+async def relay_events(request: web.Request, up: aiohttp.ClientResponse, region: str,
+                       limit: int) -> web.StreamResponse:
     """Relay a stream as it comes, reading nothing (a stored response replayed): no
-    reservation rides on it. A break ends it with an error event, as any stream."""
+    reservation rides on it. A break, or more than `limit` bytes, ends it with an error
+    event, as any stream."""
     response = await _open_stream(request, up.status, region)
+    broken: str | None = None
+    size = 0
     try:
         async for chunk in up.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                broken = TOO_LARGE
+                up.close()
+                break
             await response.write(chunk)
     except CLIENT_GONE:
         return response
     except TRANSPORT_ERRORS:
+        broken = "stream_broken"
+    if broken:
         try:
-            await response.write(error_event("The upstream region broke the stream.",
-                                             "stream_broken"))
+            await response.write(_broken_event(broken, limit))
         except CLIENT_GONE:
             return response
     await _finish(response)
     return response
+
+
+def _broken_event(reason: str, limit: int) -> bytes:
+    """The error event ending a stream that broke after its first byte."""
+    if reason == TOO_LARGE:
+        return error_event(f"The upstream region's stream grew larger than {limit} bytes "
+                           "(gateway.max_upstream_body_bytes); the answer is incomplete.",
+                           reason)
+    return error_event("The upstream region broke the stream; the answer is incomplete.",
+                       reason)
 
 
 async def _finish(response: web.StreamResponse) -> None:

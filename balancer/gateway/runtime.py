@@ -1,10 +1,13 @@
 """What every request needs, kept on the app: the config in force, its routing table,
-the store, metrics, the upstream session, and the per-request access-log record."""
+the keys it accepts, the store, metrics, the upstream session, and the per-request
+access-log record."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
+import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,6 +18,7 @@ from aiohttp import web
 
 from balancer.capacity.base import CapacityStore
 from balancer.config import Config, Target
+from balancer.config.model import ClientBudget
 from balancer.entra import EntraAuth
 from balancer.latency import LatencyPools
 from balancer.logs import AccessLog
@@ -22,6 +26,7 @@ from balancer.metrics import Metrics
 from balancer.policy import Limits
 
 access_log = logging.getLogger("balancer.access")
+log = logging.getLogger("balancer")
 
 # Request ids and queue tickets: 32 hex digits, unique per process by a counter and across
 # processes by a random prefix, without uuid4's os.urandom system call per request.
@@ -90,6 +95,81 @@ def build_routes(config: Config) -> dict[str, ModelRoute]:
     return routes
 
 
+@dataclass(frozen=True)
+class Tenant:
+    """Who a request is from: a client of regions.yaml's `clients`, the N-th key of
+    BALANCER_API_KEYS (`key-N`), or anyone when no key is configured (ANONYMOUS)."""
+
+    name: str  # metric label: only config-derived names, never request input
+    key_class: str | None = None  # admission-queue class of the key, if it names one
+    weight: float = 1.0  # share of the pool when it runs short
+    budgets: Mapping[str, ClientBudget] = field(default_factory=dict, hash=False)
+
+
+ANONYMOUS = Tenant("anonymous")
+
+
+@dataclass(frozen=True)
+class KeyTable:
+    """The keys in force, as SHA-256 digests: client keys with their tenants
+    (index-aligned: config clients first, then BALANCER_API_KEYS), and admin keys."""
+
+    digests: tuple[bytes, ...] = ()
+    tenants: tuple[Tenant, ...] = ()
+    admin: tuple[bytes, ...] = ()
+
+    def __repr__(self) -> str:  # names, not digests
+        return (f"KeyTable(clients={[t.name for t in self.tenants]}, "
+                f"admin_keys={len(self.admin)})")
+
+
+def env_keys(env: Mapping[str, str]) -> list[tuple[bytes, str | None]]:
+    """BALANCER_API_KEYS: comma-separated keys, each optionally `KEY#class` to give its
+    requests a priority class of the admission queue."""
+    out = []
+    for entry in env.get("BALANCER_API_KEYS", "").split(","):
+        key, _, cls = entry.strip().partition("#")
+        if key:
+            out.append((key.encode(), cls or None))
+    return out
+
+
+def admin_keys(env: Mapping[str, str]) -> tuple[bytes, ...]:
+    """BALANCER_ADMIN_KEYS: comma-separated keys for /regions, /metrics and /clients."""
+    keys = (k.strip() for k in env.get("BALANCER_ADMIN_KEYS", "").split(","))
+    return digests(tuple(k.encode() for k in keys if k))
+
+
+def digests(keys: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    return tuple(hashlib.sha256(k).digest() for k in keys)
+
+
+def key_table(config: Config, env: Mapping[str, str]) -> KeyTable:
+    """The keys of `config`'s clients and of the environment, hashed once."""
+    hashed: list[bytes] = []
+    tenants: list[Tenant] = []
+    for client in config.clients:
+        if client.key is not None:
+            digest = hashlib.sha256(client.key.reveal().encode()).digest()
+        elif client.key_sha256 is not None:
+            digest = bytes.fromhex(client.key_sha256)
+        else:  # config.load refuses it; a hand-built Config might not
+            continue
+        hashed.append(digest)
+        tenants.append(Tenant(client.name, client.priority_class, client.weight,
+                              client.budgets))
+    listed = env_keys(env)
+    for n, (key, cls) in enumerate(listed, start=1):
+        digest = hashlib.sha256(key).digest()
+        if digest in hashed:  # config.load refuses duplicates among clients
+            first = tenants[hashed.index(digest)].name
+            log.warning("key-%d of BALANCER_API_KEYS is also %s's key: %s's settings apply",
+                        n, first, first)
+        hashed.append(digest)
+        tenants.append(Tenant(f"key-{n}", cls))
+    return KeyTable(tuple(hashed), tuple(tenants), admin_keys(env))
+
+
 @dataclass
 class Runtime:
     """Everything a request needs. `config` and `routes` are replaced together on
@@ -98,8 +178,9 @@ class Runtime:
     config: Config
     store: CapacityStore
     metrics: Metrics
-    api_keys: tuple[bytes, ...] = ()
-    key_classes: tuple[str | None, ...] = ()  # aligned with api_keys
+    # Where BALANCER_API_KEYS and BALANCER_ADMIN_KEYS are read, at start and on reload.
+    env: Mapping[str, str] = field(default_factory=lambda: os.environ)
+    keys: KeyTable = field(default_factory=KeyTable)  # built from config and env
     session: aiohttp.ClientSession | None = None
     auth: EntraAuth = field(default_factory=EntraAuth)  # tokens of `auth: entra` regions
     routes: dict[str, ModelRoute] = field(default_factory=dict)
@@ -111,6 +192,7 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.routes = build_routes(self.config)
+        self.keys = key_table(self.config, self.env)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, cached: prometheus_client's labels() converts,
@@ -132,8 +214,10 @@ class Runtime:
             else "standard"
 
     def apply(self, config: Config) -> None:
-        """Switch to a new config (a reload): both fields at once, no await between."""
-        self.routes, self.config = build_routes(config), config
+        """Switch to a new config (a reload): routes, keys (the config's clients and the
+        environment's keys, read again) and config at once, no await between."""
+        routes, keys = build_routes(config), key_table(config, self.env)
+        self.routes, self.keys, self.config = routes, keys, config
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -150,6 +234,8 @@ class Record:
     attempts: int = 0
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    client: str | None = None  # the client's name (a metric label: config names only)
+    headers: dict[str, str] | None = None  # its x-ratelimit-* headers, added at prepare
 
 
 RECORD = web.RequestKey("record", Record)  # the request's access-log record

@@ -24,7 +24,7 @@ from balancer.errors import ClientError
 from balancer.gateway import affinity, outbound
 from balancer.gateway.accounting import region_failed, region_ok
 from balancer.gateway.admission import wait_budget
-from balancer.gateway.attempt import REGION_FAULTS, read_quietly, region_refused
+from balancer.gateway.attempt import REGION_FAULTS, read_quietly, region_refused, too_large
 from balancer.gateway.call import Call, Failure
 from balancer.gateway.clients import authorize, read_body
 from balancer.gateway.proxy import Handler, check_api_version
@@ -118,9 +118,12 @@ async def on_stored(request: web.Request, op: Operation, suffix: str, action: st
             return failure.response()
         if status == 404 or (status < 300 and request.method == "DELETE"):
             await rt.store.unpin(response_id)  # gone there (expired, deleted): gone here
+        limit = gw.max_upstream_body_bytes
         if status < 300 and up.content_type == "text/event-stream":  # retrieve, streamed
-            return await relay_events(request, up, pin.region)
-        body = await read_quietly(up)
+            return await relay_events(request, up, pin.region, limit)
+        body = await read_quietly(up, limit)
+        if body is None:
+            return (await too_large(call, grant, up, limit, refund=False)).response()
         if status < 400:
             await region_ok(call, grant)
         return relay_body(status, body, up, pin.region)

@@ -40,6 +40,9 @@ Choices the brief left open:
 - a stream with `reset_after_chunks` set never completes: it is cut after N chunks (events),
   or just before `data: [DONE]` (the final response event) when it is shorter; the knob does
   not affect non-stream answers;
+- `pad_bytes` makes answers that much larger, still well formed (a gateway's cap on
+  upstream bodies): spaces after a whole JSON body, SSE comment events (`: xxx`) after a
+  stream's first event; error answers are not padded;
 - a background response is answered at once, "queued", and completes on `sim.clock` once the
   latency it would have taken has passed; a streamed one is stored as soon as it starts;
 - `prompt + completion budget` above CONTEXT_TOKENS is refused with 400, which also bounds the

@@ -67,6 +67,9 @@ class SimRegion:
     hang: bool = False
     reset_after_chunks: int | None = None
     malformed: str | None = None  # "json" | "html"
+    # Extra bytes in every answer: spaces after a whole JSON body (still valid JSON), SSE
+    # comment events after a stream's first event (ignored by SSE clients)
+    pad_bytes: int = 0
     throttle_headers: str = "normal"  # one of THROTTLE_HEADERS
     # Azure's Responses API reports remaining counts as "-1" and often sends no retry-after;
     # "normal": its answers carry the same headers as chat
@@ -132,6 +135,7 @@ KNOBS: dict[str, Callable[[Any], bool]] = {
     "hang": lambda v: isinstance(v, bool),
     "reset_after_chunks": lambda v: v is None or (_integer(v) and v >= 0),
     "malformed": lambda v: v in (None, "json", "html"),
+    "pad_bytes": lambda v: _integer(v) and 0 <= v <= 1 << 30,
     "throttle_headers": lambda v: v in THROTTLE_HEADERS,
     "responses_headers": lambda v: v in ("azure", "normal"),
     "slowdown": _non_negative,

@@ -96,7 +96,7 @@ async def serve(request: web.Request, target: Target) -> web.StreamResponse:
     dep.stats.prompt_tokens += prompt
     dep.stats.completion_tokens += call.completion_tokens
     try:
-        return await _answer(request, call, body, headers)
+        return padded(await _answer(request, call, body, headers), region)
     finally:  # a PTU corrects its utilization to the real cost when a request ends
         dep.finished(prompt + budget, prompt + call.completion_tokens, sim.clock())
 
@@ -117,6 +117,14 @@ async def _answer(request: web.Request, call: Call, body: dict[str, Any],
     await sleep_ms(latency_ms(call))
     payload = embeddings_body(call, body) if op == "embeddings" else completion_body(call)
     return web.json_response(payload, headers=headers, dumps=dumps)
+
+
+def padded(response: web.StreamResponse, region: SimRegion) -> web.StreamResponse:
+    """A whole answer with the region's `pad_bytes` of spaces after it: still JSON
+    (streams pad as they go: `streaming.write_stream`)."""
+    if region.pad_bytes and isinstance(response, web.Response):
+        response.body = bytes(response.body) + b" " * region.pad_bytes
+    return response
 
 
 def _malformed(kind: str, headers: dict[str, str]) -> web.Response:

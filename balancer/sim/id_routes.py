@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from balancer.sim.errors import ApiError
+from balancer.sim.handlers import padded
 from balancer.sim.routes import Handler, Style, open_call
 from balancer.sim.state import SIMULATOR
 from balancer.sim.store import ResponseStore, StoredResponse
@@ -36,7 +37,7 @@ def _handler(style: Style, action: Action) -> Handler:
         entry = store.find(ident, sim.clock())
         if entry is None:
             raise ApiError(404, f"Response with id '{ident}' not found.", None)
-        return web.json_response(await action(request, store, entry))
+        return padded(web.json_response(await action(request, store, entry)), region)
 
     return handle
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Iterable
 
 from aiohttp import web
@@ -11,7 +12,10 @@ from aiohttp import web
 from balancer.sim.answers import Call
 from balancer.sim.state import Simulator
 
+log = logging.getLogger("balancer.sim")
+
 HANG_POLL_SECONDS = 0.2  # how often a hung request checks whether its client left
+PAD_EVENT_BYTES = 16384  # the size of each padding event (`pad_bytes`)
 
 
 async def sleep_ms(ms: float) -> None:
@@ -46,22 +50,37 @@ async def write_stream(
 ) -> web.StreamResponse:
     """Send `events` (each with the completion tokens it carries, which pace it), then `last`.
     With the region's `reset_after_chunks` the stream never completes: it is cut after that
-    many events, or just before `last`."""
+    many events, or just before `last`; with its `pad_bytes`, comment events that large in
+    all follow the first event. A client leaving mid-stream ends it quietly (a real server
+    just stops writing): that is the client's choice, not the simulator's error."""
     region = call.region
     await sleep_ms(region.latency_base_ms * region.slowdown)  # time to first byte
     headers = {**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     response = web.StreamResponse(headers=headers)
     await response.prepare(request)
-    for sent, (event, tokens) in enumerate(events):
-        if region.reset_after_chunks is not None and sent >= region.reset_after_chunks:
+    try:
+        for sent, (event, tokens) in enumerate(events):
+            if region.reset_after_chunks is not None and sent >= region.reset_after_chunks:
+                return _abort(request, call, response)
+            await sleep_ms(region.latency_per_token_ms * tokens * region.slowdown)
+            await response.write(event)
+            if sent == 0 and region.pad_bytes:
+                await _pad(response, region.pad_bytes)
+        if region.reset_after_chunks is not None:
             return _abort(request, call, response)
-        await sleep_ms(region.latency_per_token_ms * tokens * region.slowdown)
-        await response.write(event)
-    if region.reset_after_chunks is not None:
-        return _abort(request, call, response)
-    await response.write(last)
-    await response.write_eof()
+        await response.write(last)
+        await response.write_eof()
+    except ConnectionError:  # aiohttp's ClientConnectionResetError is one
+        log.debug("client left mid-stream: %s", request.path)
     return response
+
+
+async def _pad(response: web.StreamResponse, size: int) -> None:
+    """`size` bytes of SSE comment events (`: xxx...`), which SSE clients ignore."""
+    while size > 0:
+        event = b": " + b"x" * max(0, min(size, PAD_EVENT_BYTES) - 4) + b"\n\n"
+        await response.write(event)
+        size -= len(event)
 
 
 def _abort(request: web.Request, call: Call, response: web.StreamResponse) -> web.StreamResponse:
