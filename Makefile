@@ -19,10 +19,12 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	touch $(BENCH_STAMP)
 
-## The benchmarks with default settings (about 11 minutes; balance twice: chat, then
-## Responses API traffic, naive and redis only; then the PTU spill scenario): Markdown
-## tables on stdout, bench/results/{balance,balance-responses,overhead,scenarios,ptu}-*.json and
-## bench/results/latest.png (chat's balance run). They need
+## The benchmarks with default settings (about 17 minutes; balance twice: chat, then
+## Responses API traffic, naive and redis only; then the PTU spill scenario, then learned
+## capacity per rate-limit header style, then client budgets and fair share): Markdown
+## tables on stdout,
+## bench/results/{balance,balance-responses,overhead,scenarios,ptu,learning,fairness}-*.json
+## and bench/results/latest.png (chat's balance run). They need
 ## redis-server and, for the overhead one, wrk: installed with apt-get when missing and
 ## possible (root), else the overhead benchmark falls back to Python load processes.
 bench: $(BENCH_STAMP)
@@ -40,6 +42,8 @@ bench: $(BENCH_STAMP)
 	$(BIN)/balancer bench overhead $(OVERHEAD_ARGS)
 	$(BIN)/balancer bench scenarios $(SCENARIOS_ARGS)
 	$(BIN)/balancer bench ptu $(PTU_ARGS)
+	$(BIN)/balancer bench learning $(LEARNING_ARGS)
+	$(BIN)/balancer bench fairness $(FAIRNESS_ARGS)
 
 ## Start the gateway on :8080 against the eight built-in simulated regions
 ## (in-process store unless REDIS_URL is set).

@@ -28,31 +28,41 @@ and 429s without retry-after. Its record is balance-responses-<time>.json.
 from __future__ import annotations
 
 import argparse
-import json
-import random
 import shutil
 import sys
-import tempfile
-import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from balancer import config as config_mod
 from balancer.config import ConfigError
-from balancer.operations import OPERATIONS
 from bench import report
+from bench.harness import (
+    Loads,
+    Region,
+    Sampler,
+    add_load_arguments,
+    at,
+    bench_config,
+    load_mix,
+    mean_cost,
+    redis_server,
+    reference_regions,
+    require_redis,
+    serve_cmd,
+    simulate_cmd,
+    start_pool,
+    workspace,
+)
 from bench.loadgen import OPERATIONS as LOAD_OPERATIONS
-from bench.loadgen import Mix, merge
-from bench.procs import PYTHON, ROOT, Procs, get_json
+from bench.loadgen import Mix
+from bench.procs import PYTHON, ROOT, Procs
 
 # --operation: how the title and the notes name the requests
 OPERATION_TITLES = {"chat": "Chat completions (POST /v1/chat/completions)",
                     "responses": "Responses API (POST /v1/responses)"}
-
-SIM_KEY = "bench-key"
-API_VERSION = "2024-06-01"
 
 
 def later_policies_for(time_scale: float) -> dict[str, dict[str, Any]]:
@@ -90,47 +100,6 @@ STRATEGIES = {
 # --------------------------------------------------------------------------- setup
 
 
-@dataclass
-class Region:
-    name: str
-    tpm: int
-    rpm: int
-
-
-def reference_regions(path: str, model: str) -> tuple[list[Region], dict[str, Any]]:
-    """The model's best-priority regions of `path` and the gateway settings to keep."""
-    cfg = config_mod.load(path, simulate=True)
-    targets = cfg.models.get(model)
-    if not targets:
-        raise SystemExit(f"{path}: no region serves the model {model!r}")
-    best = min(t.priority for t in targets)
-    regions = [Region(t.region.name, t.deployment.tpm, t.deployment.rpm)
-               for t in targets if t.priority == best]
-    gw = cfg.gateway
-    keep = {"max_attempts": gw.max_attempts, "burst_seconds": gw.burst_seconds,
-            "rpm_burst_seconds": gw.rpm_burst_seconds,
-            "default_cooldown_seconds": gw.default_cooldown_seconds,
-            "connect_timeout_seconds": gw.connect_timeout_seconds,
-            "read_timeout_seconds": gw.read_timeout_seconds}
-    return regions, keep
-
-
-def bench_config(regions: list[Region], model: str, gateway: dict[str, Any],
-                 sections: dict[str, Any] | None = None) -> str:
-    """A regions.yaml for the benchmark: every region at its real TPM and RPM, served by
-    the simulator (${SIM_URL}), the store from ${STORE_URL}; `sections` are further
-    top-level sections (JSON is YAML)."""
-    lines = ['store: {url: "${STORE_URL}"}', f"gateway: {json.dumps(gateway)}"]
-    lines += [f"{k}: {json.dumps(v)}" for k, v in (sections or {}).items()]
-    lines.append("regions:")
-    for r in regions:
-        lines += [f"  - name: {r.name}", "    kind: azure",
-                  f"    endpoint: ${{SIM_URL}}/{r.name}", f"    api_key: {SIM_KEY}",
-                  f'    api_version: "{API_VERSION}"', "    deployments:",
-                  f"      {model}: {{deployment: {model}, tpm: {r.tpm}, rpm: {r.rpm}}}"]
-    return "\n".join(lines) + "\n"
-
-
 def later_policies(time_scale: float) -> tuple[dict[str, Any], list[str], list[str]]:
     """The sections of the later policies this build's config accepts, their names, and
     notes on the others."""
@@ -149,60 +118,6 @@ def later_policies(time_scale: float) -> tuple[dict[str, Any], list[str], list[s
     return accepted, names, notes
 
 
-def mean_cost(mix: Mix, samples: int = 4000) -> float:
-    """Mean estimated cost (prompt + max_tokens or max_output_tokens) of the mix, as the
-    gateway and the simulator count it: with the estimator of the mix's operation, so
-    chat and Responses API bodies of one seed cost the same."""
-    operation = OPERATIONS[LOAD_OPERATIONS[mix.operation]]
-    rng = random.Random(12345)
-    total = 0
-    for _ in range(samples):
-        body = mix.body(rng)
-        total += operation.estimate(body, 1024).total
-    return total / samples
-
-
-# --------------------------------------------------------------------------- sampling
-
-
-class Sampler(threading.Thread):
-    """Polls the simulator's counters every `interval` seconds."""
-
-    def __init__(self, url: str, model: str, interval: float):
-        super().__init__(daemon=True)
-        self.url, self.model, self.interval = url, model, interval
-        self.samples: list[tuple[float, dict[str, dict[str, int]]]] = []
-        self.stop = threading.Event()
-
-    def take(self) -> None:
-        stats = get_json(f"{self.url}/_sim/stats")["regions"]
-        now = time.monotonic()
-        self.samples.append((now, {r: deps[self.model] for r, deps in stats.items()
-                                   if self.model in deps}))
-
-    def run(self) -> None:
-        while not self.stop.wait(self.interval):
-            try:
-                self.take()
-            except OSError:
-                pass
-
-
-def at(samples: list[tuple[float, dict[str, dict[str, int]]]], t: float, region: str,
-       key: str) -> float:
-    """A counter at time t, interpolated between samples."""
-    prev = samples[0]
-    if t <= prev[0]:
-        return prev[1][region][key]
-    for cur in samples[1:]:
-        if cur[0] >= t:
-            a, b = prev[1][region][key], cur[1][region][key]
-            span = cur[0] - prev[0]
-            return a + (b - a) * ((t - prev[0]) / span if span > 0 else 1.0)
-        prev = cur
-    return prev[1][region][key]
-
-
 # --------------------------------------------------------------------------- one strategy
 
 
@@ -218,64 +133,32 @@ def run_strategy(strategy: Strategy, regions: list[Region], keep: dict[str, Any]
     config.write_text(bench_config(regions, args.model, gateway, strategy.sections))
     store = f"redis://127.0.0.1:{redis_port}/{args.strategies.index(strategy.key)}" \
         if redis_port else "memory://"
-    env = {"STORE_URL": store, "SIM_URL": "http://127.0.0.1:1",
-           "BALANCER_LOG_LEVEL": args.log_level}
+    replica = serve_cmd(config) if strategy.kind == "gateway" else [
+        PYTHON, "-m", "bench.naive_proxy", "--mode", strategy.mode, "--config", str(config),
+        "--port", "{port}"]
+    total_tpm = sum(r.tpm for r in regions)
     with Procs(wd) as procs:
-        sim = procs.server("simulator", [
-            PYTHON, "-m", "balancer.cli", "simulate", "--config", str(config), "--port",
-            "{port}", "--time-scale", f"{args.time_scale:g}", "--seed", str(args.seed)],
-            "/_sim/stats", env)
-        env["SIM_URL"] = sim
-        replicas = []
-        for i in range(args.replicas):
-            if strategy.kind == "proxy":
-                cmd = [PYTHON, "-m", "bench.naive_proxy", "--mode", strategy.mode, "--config",
-                       str(config), "--port", "{port}"]
-            else:
-                cmd = [PYTHON, "-m", "balancer.cli", "serve", "--config", str(config),
-                       "--host", "127.0.0.1", "--port", "{port}"]
-            replicas.append(procs.server(f"replica-{i}", cmd, "/healthz", env))
+        sim, replicas = start_pool(procs, store, args.log_level,
+                                   simulate_cmd(config, args.time_scale, args.seed), replica,
+                                   args.replicas)
         sampler = Sampler(sim, args.model, args.sample_interval)
         sampler.take()
-        clients = []
+        loads = Loads(procs, mix, args.seed * 100)
         started = time.monotonic()
-        for i in range(args.clients):
-            out = wd / f"client-{i}.json"
-            cmd = [PYTHON, "-m", "bench.loadgen", "--rate", f"{rate / args.clients:.4f}",
-                   "--duration", f"{duration:g}", "--model", args.model,
-                   "--prompt-tokens", "{}:{}".format(*mix.prompt_tokens),
-                   "--max-tokens", "{}:{}".format(*mix.max_tokens),
-                   "--stream-fraction", str(mix.stream_fraction),
-                   "--operation", mix.operation,
-                   "--seed", str(args.seed * 100 + i), "--out", str(out)]
-            for url in replicas[i % len(replicas):] + replicas[:i % len(replicas)]:
-                cmd += ["--target", url]
-            clients.append((procs.spawn(f"client-{i}", cmd), out))
-        sampler.start()
-        total_tpm = sum(r.tpm for r in regions)
-        try:
-            while any(p.poll() is None for p, _ in clients):
-                elapsed = time.monotonic() - started
-                if elapsed > duration + 150:
-                    raise RuntimeError(f"{strategy.key}: load generators did not finish")
-                progress.update(_live(strategy, sampler, elapsed, duration, total_tpm,
-                                      args.time_scale))
-                time.sleep(0.5)
-        finally:
-            sampler.stop.set()
-            sampler.join(5)
+        for _ in range(args.clients):
+            loads.spawn("client", replicas, rate / args.clients, duration)
+        with sampler:
+            loads.wait(started, duration, progress,
+                       lambda elapsed: _live(strategy, sampler, elapsed, duration, total_tpm,
+                                             args.time_scale), slack=150, tick=0.5)
         sampler.take()
-        for proc, _ in clients:
-            if proc.returncode != 0:
-                raise RuntimeError(f"a load generator failed:\n{procs.log('client-0')[-2000:]}")
-        reports = [json.loads(out.read_text()) for _, out in clients]
-    return analyse(strategy, regions, sampler.samples, merge(reports), started, args)
+        client = loads.merged()
+    return analyse(strategy, regions, sampler.samples, client, started, args)
 
 
 def _live(strategy: Strategy, sampler: Sampler, elapsed: float, duration: float,
           total_tpm: int, time_scale: float) -> str:
-    text = f"balance {report.bar(min(1.0, elapsed / duration))} {strategy.label:45.45s} " \
-           f"{min(elapsed, duration):5.1f}/{duration:.0f} s"
+    text = report.running("balance", f"{strategy.label:45.45s}", elapsed, duration)
     samples = sampler.samples
     if len(samples) >= 2 and samples[-1][0] > samples[0][0]:
         (t0, a), (t1, b) = samples[0], samples[-1]
@@ -479,9 +362,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_attempts:
         keep["max_attempts"] = args.max_attempts
     total_tpm = sum(r.tpm for r in regions)
-    span = lambda text: tuple(int(x) for x in text.split(":"))  # noqa: E731
-    mix = Mix(args.model, span(args.prompt_tokens), span(args.max_tokens),
-              args.stream_fraction, args.operation)
+    mix = load_mix(args, args.operation)
     mc = mean_cost(mix)
     rate = args.demand * total_tpm * args.time_scale / 60 / mc
     notes: list[str] = []
@@ -500,13 +381,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 sections=sections)
         strategies.append(strategy)
     need_redis = any(s.kind == "gateway" for s in strategies)
-    if need_redis and shutil.which("redis-server") is None:
-        raise SystemExit("redis-server is required for (c) (Debian package redis-server)")
-    workdir = Path(tempfile.mkdtemp(prefix="bench-balance-"))
-    progress = report.Progress(every=10)
+    if need_redis:
+        require_redis(" for (c)")
+    workdir, progress = workspace("balance")
     results = []
-    with Procs(workdir / "redis") as procs:
-        redis_port = procs.redis() if need_redis else None
+    with redis_server(workdir) if need_redis else nullcontext(None) as redis_port:
         for strategy in strategies:
             res = run_strategy(strategy, regions, keep, args, mix, rate, workdir, progress,
                                redis_port if strategy.kind == "gateway" else None)
@@ -536,17 +415,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
-def add_load_arguments(p: argparse.ArgumentParser) -> None:
-    """The request mix and run options every multi-process benchmark shares."""
-    p.add_argument("--prompt-tokens", default="200:3000")
-    p.add_argument("--max-tokens", default="50:1000")
-    p.add_argument("--stream-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--sample-interval", type=float, default=0.25,
-                   help="seconds between reads of the simulator's counters")
-    p.add_argument("--log-level", default="WARNING", help="the replicas' log level")
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=str(ROOT / "regions.yaml"),
                    help="the regions and TPM to simulate (default: the repository's "
@@ -574,22 +442,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="balancer bench balance", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return execute(p.parse_args(argv))
-
-
-def execute(args: argparse.Namespace) -> int:
-    unknown = [s for s in args.strategies if s not in STRATEGIES]
-    if unknown:
-        raise SystemExit(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
+    args = report.parser("balance", __doc__, add_arguments).parse_args(argv)
+    report.check_known("strategies", args.strategies, STRATEGIES)
     if args.warmup_minutes >= args.minutes:
         raise SystemExit("--warmup-minutes must be less than --minutes")
-    started = time.monotonic()
-    when = report.stamp()
-    record = run(args)
-    record["seconds"] = round(time.monotonic() - started, 1)
+    record, when = report.timed(run, args)
     print(title(record) + "\n\n" + render(record) + "\n")
     if not args.no_write:
         # Chat keeps its file names (balance-latest.json, latest.png: BENCHMARKS.md's);

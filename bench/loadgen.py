@@ -66,6 +66,12 @@ class Mix:
         return body
 
 
+def span(text: str) -> tuple[int, int]:
+    """An inclusive token range of the command line: "200:3000" -> (200, 3000)."""
+    low, high = (int(x) for x in text.split(":"))
+    return low, high
+
+
 @dataclass
 class Report:
     sent: int = 0
@@ -250,7 +256,6 @@ def main(argv: list[str] | None = None) -> int:
                         "processes can be spawned early and start on schedule")
     p.add_argument("--out", help="write the JSON report here (default stdout)")
     args = p.parse_args(argv)
-    span = lambda text: tuple(int(x) for x in text.split(":"))  # noqa: E731
     mix = Mix(args.model, span(args.prompt_tokens), span(args.max_tokens), args.stream_fraction,
               args.operation)
     delay = args.start_at - time.time()

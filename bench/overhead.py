@@ -27,16 +27,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from bench import report
+from bench.harness import API_VERSION, SIM_KEY, workspace
 from bench.procs import PYTHON, Procs
 
-SIM_KEY = "bench-key"
-API_VERSION = "2024-06-01"
 UPSTREAM_PATH = f"/bench/openai/deployments/gpt-4/chat/completions?api-version={API_VERSION}"
 CLIENT_PATH = "/v1/chat/completions"
 BODY = json.dumps({
@@ -225,8 +222,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         notes.append("load generator: Python closed loop in several processes (wrk not "
                      "found): its ceiling is the direct row; paths near it are limited by it.")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    workdir = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
-    progress = report.Progress(every=10)
+    workdir, progress = workspace("overhead")
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     with Procs(workdir) as procs:
         paths, path_notes = start_paths(procs, workdir, args.gateway_log_level,
@@ -350,22 +346,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="balancer bench overhead", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return execute(p.parse_args(argv))
-
-
-def execute(args: argparse.Namespace) -> int:
-    started = time.monotonic()
-    when = report.stamp()
-    record = run(args)
-    record["seconds"] = round(time.monotonic() - started, 1)
-    print("## Overhead\n\n" + render(record) + "\n")
-    if not args.no_write:
-        path = report.write_json("overhead", record, args.out_dir, when)
-        print(f"record: {path}")
-    return 0
+    args = report.parser("overhead", __doc__, add_arguments).parse_args(argv)
+    return report.execute("overhead", "## Overhead", run, render, args, total=False)
 
 
 if __name__ == "__main__":

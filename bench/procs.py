@@ -15,7 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -45,9 +45,30 @@ def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | N
         time.sleep(0.05)
 
 
+def get_text(url: str, timeout: float = 5.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read().decode()
+
+
 def get_json(url: str, timeout: float = 5.0) -> Any:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.loads(r.read())
+
+
+def post_json(url: str, body: dict[str, Any], timeout: float = 5.0) -> Any:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+class Server(NamedTuple):
+    """An HTTP server started by `Procs.launch`, not yet known to answer."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    url: str
+    health: str  # a path
 
 
 class Procs:
@@ -101,14 +122,27 @@ class Procs:
                env: dict[str, str] | None = None) -> str:
         """Start an HTTP server whose args contain the literal `{port}`; returns its URL
         once `health` (a path) answers."""
+        server = self.launch(name, args, health, env)
+        self.ready(server, timeout=20.0)
+        return server.url
+
+    def launch(self, name: str, args: list[str], health: str,
+               env: dict[str, str] | None = None) -> Server:
+        """Start an HTTP server whose args contain the literal `{port}`, without waiting
+        for it: several start side by side, then `ready` waits for them all."""
         port = free_port()
         proc = self.spawn(name, [a.replace("{port}", str(port)) for a in args], env)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_http(url + health, proc=proc)
-        except (RuntimeError, TimeoutError) as exc:
-            raise RuntimeError(f"{exc}\n--- {name} log ---\n{self.log(name)[-3000:]}") from None
-        return url
+        return Server(name, proc, f"http://127.0.0.1:{port}", health)
+
+    def ready(self, *servers: Server, timeout: float = 30.0) -> None:
+        """Wait until each server's health path answers; a server that exits or stays
+        silent is an error with the end of its log."""
+        for s in servers:
+            try:
+                wait_http(s.url + s.health, timeout=timeout, proc=s.proc)
+            except (RuntimeError, TimeoutError) as exc:
+                raise RuntimeError(f"{exc}\n--- {s.name} log ---\n{self.log(s.name)[-3000:]}"
+                                   ) from None
 
     def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
         if proc.poll() is None:

@@ -25,23 +25,33 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sys
-import tempfile
-import threading
 import time
-import urllib.request
-from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from balancer.operations import OPERATIONS
 from bench import report
-from bench.balance import API_VERSION, SIM_KEY, Sampler, add_load_arguments, at, mean_cost
-from bench.loadgen import Mix, merge
-from bench.procs import PYTHON, Procs, get_json
-from bench.scenarios import client_summary
+from bench.harness import (
+    API_VERSION,
+    SIM_KEY,
+    Loads,
+    Poller,
+    Sampler,
+    add_load_arguments,
+    at,
+    client_summary,
+    load_mix,
+    mean_cost,
+    require_redis,
+    serve_cmd,
+    simulate_cmd,
+    start_pool,
+    workspace,
+)
+from bench.loadgen import Mix
+from bench.procs import Procs, get_json, get_text
 
 PTU = "ptu-eastus2"
 PAYG = {"payg-canadaeast": 100_000, "payg-uksouth": 100_000, "payg-australiaeast": 40_000}
@@ -77,24 +87,16 @@ def mean_used(mix: Mix, samples: int = 4000) -> float:
     return total / samples
 
 
-class RegionsSampler(threading.Thread):
+class RegionsSampler(Poller):
     """Polls one replica's GET /regions: the PTU's learned factor and cooldown."""
 
-    def __init__(self, url: str, model: str, interval: float):
-        super().__init__(daemon=True)
-        self.url, self.model, self.interval = url, model, interval
-        self.samples: list[tuple[float, float, float]] = []  # (time, factor, cooldown)
-        self.stop = threading.Event()
+    samples: list[tuple[float, float, float]]  # (time, factor, cooldown)
 
-    def run(self) -> None:
-        while not self.stop.wait(self.interval):
-            try:
-                rows = get_json(f"{self.url}/regions")["models"][self.model]
-            except OSError:
-                continue
-            row = next(r for r in rows if r["region"] == PTU)
-            self.samples.append((time.monotonic(), row["capacity_factor"],
-                                 row["cooldown_seconds"]))
+    def take(self) -> None:
+        rows = get_json(f"{self.url}/regions")["models"][self.model]
+        row = next(r for r in rows if r["region"] == PTU)
+        self.samples.append((time.monotonic(), row["capacity_factor"],
+                             row["cooldown_seconds"]))
 
 
 def scrape(urls: list[str]) -> dict[str, Any]:
@@ -102,9 +104,7 @@ def scrape(urls: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {"throttled": {}, "selections": {}, "spilled_requests": 0.0,
                            "spilled_tokens": 0.0, "utilization": []}
     for url in urls:
-        with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
-            text = r.read().decode()
-        for family in text_string_to_metric_families(text):
+        for family in text_string_to_metric_families(get_text(url + "/metrics")):
             for s in family.samples:
                 if s.name == "balancer_upstream_throttled_total":
                     key = s.labels["sku"]
@@ -122,69 +122,37 @@ def scrape(urls: list[str]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if shutil.which("redis-server") is None:
-        raise SystemExit("redis-server is required (Debian package redis-server)")
+    require_redis()
     ts, duration, warmup = args.time_scale, args.duration, args.warmup
-    span = lambda text: tuple(int(x) for x in text.split(":"))  # noqa: E731
-    mix = Mix(args.model, span(args.prompt_tokens), span(args.max_tokens),
-              args.stream_fraction)
+    mix = load_mix(args)
     used, estimated = mean_used(mix), mean_cost(mix)
     demand_tpm = args.demand * args.ptu_tpm  # tokens really used per simulated minute
     rate = demand_tpm / used * ts / 60  # requests per real second
     gateway = {"time_scale": ts, "max_attempts": args.max_attempts}
-    workdir = Path(tempfile.mkdtemp(prefix="bench-ptu-"))
+    workdir, progress = workspace("ptu")
     gw_config, sim_config = workdir / "regions.yaml", workdir / "simulated.yaml"
     learning = {"learned_capacity": {"enabled": args.learned_capacity == "on"}}
     gw_config.write_text(config_text(args.model, round(args.ptu_tpm * args.ptu_overstated),
                                      gateway, learning))
     sim_config.write_text(config_text(args.model, args.ptu_tpm, gateway))  # the real TPM
-    progress = report.Progress(every=10)
     with Procs(workdir) as procs:
-        env = {"STORE_URL": f"redis://127.0.0.1:{procs.redis()}/0",
-               "SIM_URL": "http://127.0.0.1:1", "BALANCER_LOG_LEVEL": args.log_level}
-        sim = env["SIM_URL"] = procs.server("simulator", [
-            PYTHON, "-m", "balancer.cli", "simulate", "--config", str(sim_config), "--port",
-            "{port}", "--time-scale", f"{ts:g}", "--seed", str(args.seed)], "/_sim/stats", env)
-        replicas = [procs.server(f"replica-{i}", [
-            PYTHON, "-m", "balancer.cli", "serve", "--config", str(gw_config), "--host",
-            "127.0.0.1", "--port", "{port}"], "/healthz", env) for i in range(args.replicas)]
+        sim, replicas = start_pool(procs, f"redis://127.0.0.1:{procs.redis()}/0",
+                                   args.log_level, simulate_cmd(sim_config, ts, args.seed),
+                                   serve_cmd(gw_config), args.replicas)
         sampler = Sampler(sim, args.model, args.sample_interval)
         factors = RegionsSampler(replicas[0], args.model, args.sample_interval * 2)
         sampler.take()
-        clients = []
-        for i in range(args.clients):
-            out = workdir / f"client-{i}.json"
-            cmd = [PYTHON, "-m", "bench.loadgen", "--rate", f"{rate / args.clients:.4f}",
-                   "--duration", f"{duration:g}", "--model", args.model,
-                   "--prompt-tokens", "{}:{}".format(*mix.prompt_tokens),
-                   "--max-tokens", "{}:{}".format(*mix.max_tokens),
-                   "--stream-fraction", str(mix.stream_fraction),
-                   "--seed", str(args.seed * 100 + i), "--out", str(out)]
-            for url in replicas[i % len(replicas):] + replicas[:i % len(replicas)]:
-                cmd += ["--target", url]
-            clients.append((procs.spawn(f"client-{i}", cmd), out))
+        loads = Loads(procs, mix, args.seed * 100)
+        for _ in range(args.clients):
+            loads.spawn("client", replicas, rate / args.clients, duration)
         started = time.monotonic()
-        sampler.start()
-        factors.start()
-        try:
-            while any(p.poll() is None for p, _ in clients):
-                elapsed = time.monotonic() - started
-                if elapsed > duration + 120:
-                    raise RuntimeError("ptu: load generators did not finish")
-                progress.update(f"ptu {report.bar(min(1.0, elapsed / duration))} "
-                                f"{min(elapsed, duration):5.1f}/{duration:.0f} s")
-                time.sleep(0.2)
-        finally:
-            for thread in (sampler, factors):
-                thread.stop.set()
-                thread.join(5)
+        with sampler, factors:
+            loads.wait(started, duration, progress,
+                       lambda elapsed: report.running("ptu", "", elapsed, duration), tick=0.2)
         progress.done()
         sampler.take()
-        for proc, _ in clients:
-            if proc.returncode != 0:
-                raise RuntimeError(f"a load generator failed; logs in {workdir}")
         metrics = scrape(replicas)
-        client = merge([json.loads(out.read_text()) for _, out in clients])
+        client = loads.merged()
     settings = {"model": args.model, "time_scale": ts, "duration_s": duration,
                 "warmup_s": warmup, "replicas": args.replicas, "clients": args.clients,
                 "demand": args.demand, "ptu_real_tpm": args.ptu_tpm,
@@ -194,8 +162,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "mean_estimated": estimated, "rate_rps": rate, "quick": args.quick,
                 "prompt_tokens": mix.prompt_tokens, "max_tokens": mix.max_tokens,
                 "stream_fraction": mix.stream_fraction, "seed": args.seed}
-    return analyse(settings, sampler.samples, factors.samples, started, metrics, client,
-                   str(workdir))
+    return {**analyse(settings, sampler.samples, factors.samples, started, metrics, client,
+                      str(workdir)), "machine": report.machine()}
 
 
 def analyse(settings: dict[str, Any], samples: list[tuple[float, dict[str, dict[str, int]]]],
@@ -329,23 +297,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="balancer bench ptu", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    args = p.parse_args(argv)
+    args = report.parser("ptu", __doc__, add_arguments).parse_args(argv)
     if args.quick:
         args.duration, args.warmup, args.time_scale, args.replicas = 6.0, 1.0, 30.0, 1
-    started = time.monotonic()
-    when = report.stamp()
-    record = run(args)
-    record["machine"] = report.machine()
-    record["seconds"] = round(time.monotonic() - started, 1)
-    print("## Provisioned throughput first, standard for the excess\n\n" + render(record)
-          + "\n")
-    print(f"({record['seconds']:.0f} s in all)")
-    if not args.no_write:
-        print(f"record: {report.write_json('ptu', record, args.out_dir, when)}")
-    return 0
+    return report.execute("ptu", "## Provisioned throughput first, standard for the excess",
+                          run, render, args)
 
 
 if __name__ == "__main__":

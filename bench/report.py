@@ -1,5 +1,5 @@
 """Small helpers shared by the benchmarks: percentiles, Markdown tables, result files,
-a progress line."""
+a progress line, and the frame of each benchmark's `main` (parse, run, print, write)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,53 @@ def add_output_arguments(p: argparse.ArgumentParser, what: str = "the JSON recor
     p.add_argument("--out-dir", type=Path, default=RESULTS,
                    help=f"where {what} goes (bench/results)")
     p.add_argument("--no-write", action="store_true", help="print only, write no files")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parser(name: str, doc: str | None,
+           add_arguments: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
+    """`balancer bench <name>`'s parser: the module docstring as its description."""
+    p = argparse.ArgumentParser(prog=f"balancer bench {name}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return p
+
+
+def check_known(what: str, given: Sequence[str], known: Iterable[str]) -> None:
+    """Exit with a message when `given` (a --scenarios list, say) names one not `known`."""
+    known = list(known)
+    unknown = [x for x in given if x not in known]
+    if unknown:
+        raise SystemExit(f"unknown {what} {unknown}; choose from {','.join(known)}")
+
+
+Record = dict[str, Any]
+
+
+def timed(run: Callable[[argparse.Namespace], Record], args: argparse.Namespace
+          ) -> tuple[Record, str]:
+    """`run(args)`'s record with its wall time ("seconds"), and the stamp of its files."""
+    started = time.monotonic()
+    when = stamp()
+    record = run(args)
+    record["seconds"] = round(time.monotonic() - started, 1)
+    return record, when
+
+
+def execute(kind: str, heading: str, run: Callable[[argparse.Namespace], Record],
+            render: Callable[[Record], str], args: argparse.Namespace, *,
+            total: bool = True) -> int:
+    """Run, print `heading` and the rendered tables (and the time in all, if `total`),
+    and write `<kind>-<time>.json` and `<kind>-latest.json` unless --no-write."""
+    record, when = timed(run, args)
+    print(f"{heading}\n\n{render(record)}\n")
+    if total:
+        print(f"({record['seconds']:.0f} s in all)")
+    if not args.no_write:
+        print(f"record: {write_json(kind, record, args.out_dir, when)}")
+    return 0
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -139,3 +186,10 @@ class Progress:
 def bar(fraction: float, width: int = 24) -> str:
     filled = max(0, min(width, round(fraction * width)))
     return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def running(kind: str, label: str, elapsed: float, duration: float) -> str:
+    """The progress line of a timed run: `kind [####....] label  12.3/30 s`."""
+    parts = (kind, bar(min(1.0, elapsed / duration)), label,
+             f"{min(elapsed, duration):5.1f}/{duration:.0f} s")
+    return " ".join(x for x in parts if x)

@@ -25,28 +25,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from balancer.config import AdmissionQueue, LatencyWeighting, LearnedCapacity
 from bench import report
-from bench.balance import (
+from bench.harness import (
+    Loads,
     Region,
     Sampler,
     add_load_arguments,
     at,
     bench_config,
+    client_summary,
+    load_mix,
     mean_cost,
+    redis_server,
     reference_regions,
+    require_redis,
+    serve_cmd,
+    simulate_cmd,
+    start_pool,
+    wait_until,
+    workspace,
 )
 from bench.loadgen import Mix, merge
-from bench.procs import PYTHON, ROOT, Procs, free_port, wait_http
+from bench.procs import ROOT, Procs, get_text, post_json
 
 # The product defaults of the three policies (balancer.config, README "Beyond static
 # quotas"): what every policy not under test is set to, in both runs of a scenario.
@@ -136,20 +143,11 @@ def scenarios(quick: bool) -> dict[str, Scenario]:
 # --------------------------------------------------------------------------- one run
 
 
-def post_json(url: str, body: dict[str, Any]) -> Any:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=5) as r:
-        return json.loads(r.read())
-
-
 def scrape_wait_histogram(urls: list[str]) -> dict[float, float]:
     """balancer_admission_wait_seconds summed over replicas and outcomes: le -> count."""
     buckets: dict[float, float] = {}
     for url in urls:
-        with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
-            text = r.read().decode()
-        for line in text.splitlines():
+        for line in get_text(url + "/metrics").splitlines():
             if line.startswith("balancer_admission_wait_seconds_bucket{"):
                 labels, value = line.rsplit(" ", 1)
                 le = labels.split('le="', 1)[1].split('"', 1)[0]
@@ -181,100 +179,43 @@ def run_variant(sc: Scenario, variant: str, regions: list[Region], keep: dict[st
     config.write_text(bench_config(regions, args.model, {"time_scale": sc.time_scale, **keep},
                                    sections))
     total_tpm = sum(r.tpm for r in regions)
-    env = {"STORE_URL": f"redis://127.0.0.1:{redis_port}/{db}",
-           "SIM_URL": "http://127.0.0.1:1", "BALANCER_LOG_LEVEL": args.log_level}
     with Procs(wd) as procs:
-        # the simulator and the replicas start in parallel (imports take a second each)
-        sim_port = free_port()
-        sim = env["SIM_URL"] = f"http://127.0.0.1:{sim_port}"
-        starting = [("simulator", procs.spawn("simulator", [
-            PYTHON, "-m", "balancer.cli", "simulate", "--config", str(config), "--port",
-            str(sim_port), "--time-scale", f"{sc.time_scale:g}", "--seed", str(args.seed)],
-            env), sim + "/_sim/stats")]
-        replicas = []
-        for i in range(args.replicas):
-            port = free_port()
-            proc = procs.spawn(f"replica-{i}", [
-                PYTHON, "-m", "balancer.cli", "serve", "--config", str(config), "--host",
-                "127.0.0.1", "--port", str(port)], env)
-            replicas.append(f"http://127.0.0.1:{port}")
-            starting.append((f"replica-{i}", proc, replicas[-1] + "/healthz"))
-        for name, proc, health in starting:
-            try:
-                wait_http(health, timeout=30, proc=proc)
-            except (RuntimeError, TimeoutError) as exc:
-                raise RuntimeError(f"{exc}\n{procs.log(name)[-3000:]}") from None
+        sim, replicas = start_pool(procs, f"redis://127.0.0.1:{redis_port}/{db}",
+                                   args.log_level, simulate_cmd(config, sc.time_scale, args.seed),
+                                   serve_cmd(config), args.replicas)
         for ev in sc.events:
             if ev.at <= 0:
                 post_json(f"{sim}/_sim/regions/{ev.region}", ev.knobs)
         # every load process is spawned now and starts on schedule (--start-at)
         t0 = time.time() + (1.0 if args.quick else 1.5)
-        clients: list[tuple[str, Any, Path]] = []
-        n = 0
+        loads = Loads(procs, mix, args.seed * 1000)
         for ph in sc.phases:
             rate = ph.demand * total_tpm * sc.time_scale / 60 / mc
             count = max(1, min(args.clients, round(rate / 15)))
-            for j in range(count):
-                out = wd / f"load-{ph.name.replace(' ', '-')}-{j}.json"
-                cmd = [PYTHON, "-m", "bench.loadgen", "--rate", f"{rate / count:.4f}",
-                       "--duration", f"{ph.duration:g}", "--model", args.model,
-                       "--prompt-tokens", "{}:{}".format(*mix.prompt_tokens),
-                       "--max-tokens", "{}:{}".format(*mix.max_tokens),
-                       "--stream-fraction", str(mix.stream_fraction),
-                       "--seed", str(args.seed * 1000 + n), "--out", str(out),
-                       "--start-at", f"{t0 + ph.start:.3f}"]
-                for url in replicas[n % len(replicas):] + replicas[:n % len(replicas)]:
-                    cmd += ["--target", url]
-                clients.append((ph.name, procs.spawn(f"load-{n}", cmd), out))
-                n += 1
+            for _ in range(count):
+                loads.spawn(ph.name, replicas, rate / count, ph.duration, start_at=t0 + ph.start)
         sampler = Sampler(sim, args.model, args.sample_interval)
-        while time.time() < t0:
-            time.sleep(0.01)
-        started = time.monotonic()
+        started = wait_until(t0)
         sampler.take()
-        sampler.start()
         pending = sorted((ev for ev in sc.events if ev.at > 0), key=lambda e: e.at)
+
+        def fire(elapsed: float) -> None:
+            while pending and elapsed >= pending[0].at:
+                ev = pending.pop(0)
+                post_json(f"{sim}/_sim/regions/{ev.region}", ev.knobs)
+
         label = f"{sc.key} {variant.upper():3s}"
-        try:
-            while any(p.poll() is None for _, p, _ in clients):
-                elapsed = time.monotonic() - started
-                while pending and elapsed >= pending[0].at:
-                    ev = pending.pop(0)
-                    post_json(f"{sim}/_sim/regions/{ev.region}", ev.knobs)
-                if elapsed > sc.duration + 150:
-                    raise RuntimeError(f"{sc.key}: load generators did not finish")
-                progress.update(f"scenarios {report.bar(min(1.0, elapsed / sc.duration))} "
-                                f"{label} {min(elapsed, sc.duration):5.1f}/{sc.duration:.0f} s")
-                time.sleep(0.1)
-        finally:
-            sampler.stop.set()
-            sampler.join(5)
+        with sampler:
+            loads.wait(started, sc.duration, progress,
+                       lambda elapsed: report.running("scenarios", label, elapsed, sc.duration),
+                       slack=150, each=fire)
         sampler.take()
-        for name, proc, _ in clients:
-            if proc.returncode != 0:
-                raise RuntimeError(f"a load generator ({name}) failed; logs in {wd}")
         waits = scrape_wait_histogram(replicas)
-        phases: dict[str, list[dict[str, Any]]] = {}
-        for name, _, out in clients:
-            phases.setdefault(name, []).append(json.loads(out.read_text()))
-    merged = {name: merge(reps) for name, reps in phases.items()}
+        merged = {name: merge(reps) for name, reps in loads.reports().items()}
     return analyse(sc, variant, regions, sampler.samples, merged, started, waits, sections)
 
 
 # --------------------------------------------------------------------------- analysis
-
-
-def client_summary(rep: dict[str, Any]) -> dict[str, Any]:
-    sent = max(1, rep["sent"])
-    statuses = rep["statuses"]
-    ok = statuses.get("200", 0)
-    lat = rep["latencies"]
-    return {"sent": rep["sent"], "ok": ok, "statuses": statuses,
-            "rejected_429": statuses.get("429", 0) / sent,
-            "errors": sum(n for s, n in statuses.items() if s not in ("200", "429")) / sent,
-            "p50": report.percentile(lat, 50), "p90": report.percentile(lat, 90),
-            "p99": report.percentile(lat, 99), "mean": sum(lat) / len(lat) if lat else None,
-            "regions": rep["regions"], "error_samples": rep["errors"][:5]}
 
 
 def analyse(sc: Scenario, variant: str, regions: list[Region],
@@ -421,18 +362,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         missing = {e.region for e in sc.events} - names
         if missing:
             raise SystemExit(f"{args.config}: scenario {sc.key} needs regions {missing}")
-    span = lambda text: tuple(int(x) for x in text.split(":"))  # noqa: E731
-    mix = Mix(args.model, span(args.prompt_tokens), span(args.max_tokens),
-              args.stream_fraction)
+    mix = load_mix(args)
     mc = mean_cost(mix)
-    if shutil.which("redis-server") is None:
-        raise SystemExit("redis-server is required (Debian package redis-server)")
-    workdir = Path(tempfile.mkdtemp(prefix="bench-scenarios-"))
-    progress = report.Progress(every=10)
+    require_redis()
+    workdir, progress = workspace("scenarios")
     results: dict[str, Any] = {}
     db = 0
-    with Procs(workdir / "redis") as procs:
-        redis_port = procs.redis()
+    with redis_server(workdir) as redis_port:
         for sc in chosen:
             entry: dict[str, Any] = {"title": sc.title, "feature": sc.feature,
                                      "description": describe(sc)}
@@ -475,23 +411,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="balancer bench scenarios", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    unknown = [s for s in args.scenarios if s not in ("slow", "cotenant", "burst")]
-    if unknown:
-        raise SystemExit(f"unknown scenarios {unknown}; choose from slow,cotenant,burst")
-    started = time.monotonic()
-    when = report.stamp()
-    record = run(args)
-    record["seconds"] = round(time.monotonic() - started, 1)
-    print("## Scenarios: beyond static quotas\n\n" + render(record) + "\n")
-    print(f"({record['seconds']:.0f} s in all)")
-    if not args.no_write:
-        path = report.write_json("scenarios", record, args.out_dir, when)
-        print(f"record: {path}")
-    return 0
+    args = report.parser("scenarios", __doc__, add_arguments).parse_args(argv)
+    report.check_known("scenarios", args.scenarios, ("slow", "cotenant", "burst"))
+    return report.execute("scenarios", "## Scenarios: beyond static quotas", run, render, args)
 
 
 if __name__ == "__main__":

@@ -131,3 +131,34 @@ def test_ptu_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert record["ptu_tpm"] > 0 and record["payg_tpm"] > 0
     assert record["spilled_requests"] > 0
     assert set(record["targets"]) == {"client_failures", "ptu_share"}
+
+
+def test_learning_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    """Learned capacity per header style, --quick, one style: the tester's one-region
+    scenario runs ON and OFF and reports; no thresholds."""
+    stdout, seconds = bench("learning", "--quick", "--styles", "seconds", "--scenarios",
+                            "solo", "--out-dir", str(tmp_path), timeout=120)
+    print(stdout + f"\n({seconds:.1f} s)")
+    assert "| seconds " in stdout and "learning ON" in stdout and "learning OFF" in stdout
+    record = json.loads((tmp_path / "learning-latest.json").read_text())
+    assert [r["variant"] for r in record["results"]["solo"]] == ["on", "off"]
+    for run in record["results"]["solo"]:
+        assert run["upstream_calls"] > 0 and run["clients"]["errors"] == 0
+    assert record["results"]["cotenant"] == []
+
+
+def test_fairness_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    """Client budgets and fair share, --quick (2 replicas, 2 s of load per run): every
+    scenario runs and reports; no thresholds."""
+    stdout, seconds = bench("fairness", "--quick", "--out-dir", str(tmp_path), timeout=120)
+    print(stdout + f"\n({seconds:.1f} s)")
+    assert "| admitted / (budget + burst)" in stdout
+    assert "| fair_share ON " in stdout and "| fair_share OFF " in stdout
+    record = json.loads((tmp_path / "fairness-latest.json").read_text())
+    runs = {r["key"]: r for r in record["runs"]}
+    assert set(runs) == {"budget", "fair-on", "fair-off", "weighted"}
+    assert runs["budget"]["budget"]["admitted_tokens"] > 0
+    for run in runs.values():
+        assert run["pool"]["upstream_calls"] > 0
+        for client in run["clients"].values():
+            assert client["sent"] > 0 and client["errors"] == 0, client["error_samples"]
