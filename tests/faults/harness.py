@@ -49,11 +49,13 @@ STORE_TIMEOUT = 0.2  # store.timeout_seconds; a whole store call is bounded by t
 
 
 def config_text(regions: dict[str, int] = REGIONS, models: tuple[str, ...] = ("gpt-4",),
-                **gateway: Any) -> str:
+                store: dict[str, Any] | None = None, **gateway: Any) -> str:
     """A regions.yaml: each model in every region (deployment named like the model),
-    endpoints and keys from the environment as in production."""
+    endpoints and keys from the environment as in production. `store`: settings of
+    `store:` beside (or instead of) the URL from STORE_URL and the fault tests' timeout."""
     settings = {**GATEWAY, **gateway}
-    lines = [f'store: {{url: "${{STORE_URL}}", timeout_seconds: {STORE_TIMEOUT}}}',
+    stored = {"url": "${STORE_URL}", "timeout_seconds": STORE_TIMEOUT, **(store or {})}
+    lines = ["store: {" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in stored.items()) + "}",
              "gateway: {" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in settings.items())
              + "}", "regions:"]
     for name, tpm in regions.items():

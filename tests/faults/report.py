@@ -23,12 +23,14 @@ SECTIONS = {"fault": "Fault", "input": "Hostile input", "security": "Security",
 
 
 def latest(path: Path) -> list[dict[str, Any]]:
-    """The last row recorded for each (section, name), in first-recorded order."""
+    """The last row recorded for each (section, name), in the order they were last
+    recorded (so a test's rows keep the order of its latest run, its total last)."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for line in path.read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            rows[(row["section"], row["name"])] = row  # keeps the first position
+            rows.pop((row["section"], row["name"]), None)  # moves to its latest position
+            rows[(row["section"], row["name"])] = row
     order = list(SECTIONS)
     return sorted(rows.values(), key=lambda r: order.index(r["section"]))
 

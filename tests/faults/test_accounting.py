@@ -8,8 +8,10 @@ check: refill hides a leak there; here nothing refills.
 
 Faults covered: 500 (charged nothing upstream: refunded), a hang (charged upstream:
 kept), a reset before the first byte (kept, retried elsewhere) and after it (kept),
-truncated JSON (kept), a client that leaves mid-stream (kept), and plain successes
-(settled on real usage), on the memory store and on a real Redis.
+truncated JSON (kept), an answer over `max_upstream_body_bytes` (whole: kept, retried
+elsewhere; streamed: kept, cut after the first byte), a client that leaves mid-stream
+(kept), and plain successes (settled on real usage), on the memory store and on a real
+Redis.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tests.faults.harness import Row, record
 from tests.procs import Procs
 
 TPM = 6_000_000  # a 1,000,000-token bucket: no fault below comes near emptying it
+MAX_UPSTREAM_BODY = 65_536
 NO_REFILL = 1e-9  # time_scale: a bucket refills a token in ~300 years
 
 
@@ -94,15 +97,19 @@ FAULTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("reset before the first byte", {"reset_after_chunks": 0}, {}),
     ("reset after two chunks", {"reset_after_chunks": 2}, {}),
     ("truncated JSON", {"malformed": "json"}, {}),
+    ("answer over max_upstream_body_bytes", {"pad_bytes": 3 * MAX_UPSTREAM_BODY}, {}),
     ("client leaves mid-stream", {}, {"leave_after_first_chunk": True}),
 ]
-CLEAR = {"fail_rate": 0.0, "hang": False, "reset_after_chunks": None, "malformed": None}
+CLEAR = {"fail_rate": 0.0, "hang": False, "reset_after_chunks": None, "malformed": None,
+         "pad_bytes": 0}
+CUT = ("reset after two chunks", "answer over max_upstream_body_bytes")  # after 1st byte
 
 
 async def test_every_reservation_settles_exactly(stack: StackFactory,
                                                  store: CapacityStore | None) -> None:
     s = await stack(gateway_config({"a": TPM, "b": TPM}, time_scale=NO_REFILL,
-                                   read_timeout_seconds=0.3, circuit_failures=10_000),
+                                   read_timeout_seconds=0.3, circuit_failures=10_000,
+                                   max_upstream_body_bytes=MAX_UPSTREAM_BODY),
                     store=store)
     ends: dict[str, dict[str, int]] = {}
     for name, knobs, kw in FAULTS:
@@ -120,7 +127,7 @@ async def test_every_reservation_settles_exactly(stack: StackFactory,
     kind = "memory" if store is None else "redis"
     failed = sum(n for e in ends.values() for k, n in e.items() if k not in ("200", "done",
                                                                             "left"))
-    cut = ends["reset after two chunks"].get("error_event", 0)
+    cut = sum(ends[name].get("error_event", 0) for name in CUT)
     assert failed == cut, ends  # only streams a cut after their first byte
     record(Row("fault", f"Reservation accounting to the token, no refill ({kind} store)",
                "24 concurrent requests per fault, 1 replica", 24 * len(FAULTS), failed,

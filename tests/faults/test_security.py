@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import json
 import secrets
 import time
@@ -42,21 +41,15 @@ CHAT = {"model": "gpt-4", "max_tokens": 5, "messages": [{"role": "user", "conten
 # --------------------------------------------------------------------------- constant time
 
 
-def test_client_keys_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_client_keys_are_compared_in_constant_time(
+        digest_comparisons: list[tuple[int, int]]) -> None:
     """Every configured key is compared, whatever matched, and every comparison is
     between two SHA-256 digests: its time depends on neither the keys' contents nor their
     lengths (hmac.compare_digest leaks the length of unequal-length inputs)."""
     keys = (b"first-key", b"a-much-longer-second-client-key-0123456789", b"k3")
     app = create_app(gateway_config({"a": 60_000}), api_keys=keys)
     rt = app[RUNTIME]
-    calls: list[tuple[int, int]] = []
-    real = hmac.compare_digest
-
-    def spy(a: bytes, b: bytes) -> bool:
-        calls.append((len(a), len(b)))
-        return real(a, b)
-
-    monkeypatch.setattr(clients.hmac, "compare_digest", spy)
+    calls = digest_comparisons
     cases: list[tuple[dict[str, str], bool]] = [
         ({"api-key": "first-key"}, True), ({"Authorization": "Bearer k3"}, True),
         ({"api-key": keys[1].decode()}, True), ({"api-key": "first-kez"}, False),
