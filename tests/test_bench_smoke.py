@@ -41,7 +41,7 @@ def test_balance_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     config = tmp_path / "regions.yaml"
     config.write_text(SMALL_REGIONS)
     stdout, seconds = bench(
-        "balance", "--config", str(config), "--time-scale", "30", "--minutes", "1.5",
+        "balance", "--config", str(config), "--time-scale", "30", "--minutes", "1",
         "--warmup-minutes", "0.5", "--replicas", "2", "--clients", "1", "--out-dir",
         str(tmp_path / "results"), timeout=120)
     print(stdout + f"\n({seconds:.1f} s)")
