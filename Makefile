@@ -21,9 +21,9 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 
 ## The benchmarks with default settings (about 17 minutes; balance twice: chat, then
 ## Responses API traffic, naive and redis only; then the PTU spill scenario, then learned
-## capacity per rate-limit header style, then client budgets and fair share): Markdown
-## tables on stdout,
-## bench/results/{balance,balance-responses,overhead,scenarios,ptu,learning,fairness}-*.json
+## capacity per rate-limit header style, then client budgets and fair share, then ~1,000
+## open streams on one replica): Markdown tables on stdout,
+## bench/results/{balance,balance-responses,overhead,scenarios,ptu,learning,fairness,streams}-*.json
 ## and bench/results/latest.png (chat's balance run). They need
 ## redis-server and, for the overhead one, wrk: installed with apt-get when missing and
 ## possible (root), else the overhead benchmark falls back to Python load processes.
@@ -44,6 +44,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/balancer bench ptu $(PTU_ARGS)
 	$(BIN)/balancer bench learning $(LEARNING_ARGS)
 	$(BIN)/balancer bench fairness $(FAIRNESS_ARGS)
+	$(BIN)/balancer bench streams $(STREAMS_ARGS)
 
 ## Start the gateway on :8080 against the eight built-in simulated regions
 ## (in-process store unless REDIS_URL is set).

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -40,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
                        help="replace every region by a local simulated region of the same TPM")
     serve.add_argument("--time-scale", type=float,
                        help="compress time (10 = a minute lasts 6 s); for simulations")
+    serve.add_argument("--workers", type=_workers, default=1, metavar="N",
+                       help="serve from N processes sharing the port (SO_REUSEPORT) and the "
+                            "Redis store, under a supervisor; default 1: one process")
+    # Internal: how the supervisor starts its workers (balancer.workers).
+    serve.add_argument("--worker-id", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--sim-url", help=argparse.SUPPRESS)
 
     check = sub.add_parser("check", help="validate a regions.yaml and exit non-zero on error")
     check.add_argument("file", nargs="?", help="default: $BALANCER_CONFIG or ./regions.yaml")
@@ -59,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                     "`balancer bench balance --help` lists a benchmark's options.")
     bench.add_argument("benchmark",
                        choices=["balance", "overhead", "scenarios", "ptu", "learning",
-                                "fairness"],
+                                "fairness", "streams"],
                        help="balance: quota delivered per strategy; overhead: cost per request; "
+                            "streams: ~1,000 open streams on one replica; "
                             "scenarios: each later policy ON vs OFF where it should matter; "
                             "ptu: provisioned throughput first, standard for the excess; "
                             "learning: learned capacity per rate-limit header style; "
@@ -138,21 +146,54 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.time_scale:
         gateway = replace(gateway, time_scale=args.time_scale)
     cfg = replace(cfg, listen=listen, gateway=gateway)
+    if args.worker_id is not None:  # one of `--workers N`'s processes
+        logs.set_worker(args.worker_id)
+        return asyncio.run(_serve(cfg, simulate=args.simulate, sim_url=args.sim_url,
+                                  worker=True))
+    if args.workers > 1:
+        if urlsplit(cfg.store.url).scheme == "memory":
+            print(f"balancer serve --workers {args.workers}: the memory store cannot be "
+                  "shared: each worker would spend every region's whole quota. Point "
+                  "store.url (or REDIS_URL) at Redis, or serve with one worker.",
+                  file=sys.stderr)
+            return 2
+        if cfg.listen.port == 0:
+            print(f"balancer serve --workers {args.workers}: needs a fixed port (each worker "
+                  "would get its own with port 0)", file=sys.stderr)
+            return 2
+        from balancer import workers
+
+        return asyncio.run(workers.supervise(
+            cfg, args.workers, log_level=args.log_level, simulate=args.simulate,
+            time_scale=args.time_scale))
     return asyncio.run(_serve(cfg, simulate=args.simulate))
 
 
-async def _serve(cfg: Config, *, simulate: bool) -> int:
+def _workers(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
+async def _serve(cfg: Config, *, simulate: bool, sim_url: str | None = None,
+                 worker: bool = False) -> int:
     """Serve until SIGTERM/SIGINT, then drain: readiness fails first, in-flight requests
     and streams get `drain_timeout_seconds` to finish, and the exit status is 0.
-    SIGHUP reloads the config file (so does a change of its contents)."""
+    SIGHUP reloads the config file (so does a change of its contents).
+    A `worker` of `--workers N` (balancer.workers) shares the port with its siblings
+    (SO_REUSEPORT), uses the supervisor's simulated regions at `sim_url` when simulating,
+    and stops (drained) if its supervisor dies without forwarding a SIGTERM."""
     sim_runner = None
     rewrite: Callable[[Config], Config] = lambda c: c  # noqa: E731
     if simulate:
         from balancer import sim
 
-        sim_runner, sim_url = await sim.start(sim.simulator_config(cfg))
+        if sim_url is None:
+            sim_runner, sim_url = await sim.start(sim.simulator_config(cfg))
+            log.info("simulated regions at %s: %s", sim_url,
+                     ", ".join(r.name for r in cfg.regions))
         rewrite = partial(sim.with_simulated_endpoints, base_url=sim_url)
-        log.info("simulated regions at %s: %s", sim_url, ", ".join(r.name for r in cfg.regions))
     log.info("capacity: %s", _capacity_summary(cfg))
     overrides = (cfg.listen, cfg.gateway.time_scale)
 
@@ -170,7 +211,8 @@ async def _serve(cfg: Config, *, simulate: bool) -> int:
     runner = GatewayRunner(app, access_log=None, shutdown_timeout=gw.drain_timeout_seconds,
                            keepalive_timeout=gw.header_timeout_seconds)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port, reuse_address=True)
+    site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port, reuse_address=True,
+                       reuse_port=worker or None)
     await site.start()
     # The store URL as redacted_url gives it: a password in it shows as ***.
     log.info("balancer listening on http://%s:%d (store %s at %s, config %s)",
@@ -183,7 +225,11 @@ async def _serve(cfg: Config, *, simulate: bool) -> int:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(
         app[reload.RELOADER].reload("SIGHUP")))
+    if worker:
+        orphaned = asyncio.create_task(_orphaned(os.getppid(), stop))
     await stop.wait()
+    if worker:
+        orphaned.cancel()
 
     rt = app[RUNTIME]
     rt.draining = True  # /readyz answers 503 from now on
@@ -195,6 +241,15 @@ async def _serve(cfg: Config, *, simulate: bool) -> int:
         await sim_runner.cleanup()
     log.info("stopped")
     return 0
+
+
+async def _orphaned(supervisor: int, stop: asyncio.Event) -> None:
+    """A worker whose supervisor was killed (SIGKILL: nothing forwarded) stops too,
+    rather than serve on unsupervised."""
+    while os.getppid() == supervisor:  # noqa: ASYNC110 (polled: nothing signals it)
+        await asyncio.sleep(1.0)
+    log.error("the supervisor (pid %d) is gone: stopping", supervisor)
+    stop.set()
 
 
 def _capacity_summary(cfg: Config) -> str:

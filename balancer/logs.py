@@ -18,6 +18,13 @@ import time
 from typing import Any, TextIO
 
 _stream: TextIO | None = None  # where `setup` sends every log line
+_worker: int | None = None  # `serve --workers N`: this process's worker number
+
+
+def set_worker(worker: int) -> None:
+    """Every line this process writes carries `"worker": worker` from now on."""
+    global _worker
+    _worker = worker
 
 
 def line(created: float, level: str, logger: str, message: str,
@@ -29,6 +36,8 @@ def line(created: float, level: str, logger: str, message: str,
         "logger": logger,
         "message": message,
     }
+    if _worker is not None:
+        out["worker"] = _worker
     if fields:
         out.update(fields)
     if exception:

@@ -4,15 +4,27 @@ Names are a contract with dashboards and alerts: prefix `balancer_`, base units
 (`_seconds`, `_tokens`), counters end in `_total`. Labels come from a small
 fixed set (model, region, status, reason, kind) so cardinality stays bounded:
 no request ids, no client keys. Each app owns its registry, so tests stay isolated.
+
+Under `serve --workers N` (PROMETHEUS_MULTIPROC_DIR set by the supervisor) the values
+live in prometheus_client's multiprocess files and a scrape renders every worker's:
+counters and histograms are summed; each gauge says how workers combine in its
+`multiprocess_mode` (ignored by a single process): `livesum` for per-process amounts,
+`livemax` for the worst worker, `mostrecent` for the last value any worker set. The
+gauges set from the shared store at each scrape (`Metrics.scraped`) are the scraping
+worker's own (`WorkersCollector`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
@@ -31,7 +43,8 @@ class Metrics:
 
         counter, gauge, histogram = declare(Counter), declare(Gauge), declare(Histogram)
         # Per-region gauges, set from the store's snapshot at each scrape.
-        region_gauge = partial(gauge, labelnames=("model", "region"), registry=r)
+        region_gauge = partial(gauge, labelnames=("model", "region"), registry=r,
+                               multiprocess_mode="mostrecent")
         self.requests = counter(
             "balancer_requests", "Client requests answered, by the region that served them "
             "(\"none\" when no region did) and the HTTP status returned to the client.",
@@ -92,11 +105,13 @@ class Metrics:
             ["client", "model", "reason"], registry=r)
         self.client_budget = gauge(
             "balancer_client_budget_tokens", "A client's configured token budget for a model, "
-            "by period (minute: tpm, day, month).", ["client", "model", "period"], registry=r)
+            "by period (minute: tpm, day, month).", ["client", "model", "period"], registry=r,
+            multiprocess_mode="mostrecent")
         self.client_remaining = gauge(
             "balancer_client_budget_remaining_tokens", "Tokens left of a client's budget, by "
             "period (minute: its tpm bucket now; day, month: the quota less what was used), "
-            "read from the store at scrape time.", ["client", "model", "period"], registry=r)
+            "read from the store at scrape time.", ["client", "model", "period"], registry=r,
+            multiprocess_mode="mostrecent")
         self.remaining_tokens = region_gauge(
             "balancer_remaining_tokens", "Tokens left in a region's bucket, read from the "
             "store at scrape time.")
@@ -124,29 +139,70 @@ class Metrics:
             "balancer_circuit_open", "1 while a region's circuit breaker is open, else 0.")
         self.store_degraded = gauge(
             "balancer_store_degraded", "1 while the shared store is unreachable and this "
-            "replica serves from local buckets.", registry=r)
+            "replica serves from local buckets.", registry=r, multiprocess_mode="livemax")
         self.store_round_trips = counter(
             "balancer_store_round_trips", "Round trips to the shared capacity store, by "
             "operation.", ["op"], registry=r)
         self.live_replicas = gauge(
             "balancer_live_replicas", "Gateway replicas heartbeating into the shared store "
-            "(1 with the memory store).", registry=r)
+            "(1 with the memory store).", registry=r, multiprocess_mode="mostrecent")
         self.config_reloads = counter(
             "balancer_config_reloads", "Attempts to reload regions.yaml, by result "
             "(success, failure).", ["result"], registry=r)
         self.queue_depth = gauge(
             "balancer_queue_depth", "Requests of this replica waiting in the admission queue "
-            "for capacity.", ["model"], registry=r)
+            "for capacity.", ["model"], registry=r, multiprocess_mode="livesum")
         self.admission_wait = histogram(
             "balancer_admission_wait_seconds", "Time queued requests waited for capacity, by "
             "outcome (admitted, rejected at their deadline).", ["model", "outcome"],
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60), registry=r)
         self.in_flight = gauge(
-            "balancer_in_flight_requests", "Client requests being served now.", registry=r)
+            "balancer_in_flight_requests", "Client requests being served now.", registry=r,
+            multiprocess_mode="livesum")
         self.event_loop_lag = gauge(
             "balancer_event_loop_lag_seconds", "How late the event loop ran a 0.1 s timer, "
             "worst over the last second: blocking work delays every request by as much.",
-            registry=r)
+            registry=r, multiprocess_mode="livemax")
+        # Set from the shared store by `gateway.admin.metrics` at each scrape (cleared
+        # first, so a removed region or client vanishes): with several workers the
+        # scraping worker renders its own, fresh, values of these (`exposition_registry`).
+        self.scraped = (self.region_tpm, self.remaining_tokens, self.remaining_requests,
+                        self.capacity_tokens, self.cooldown, self.circuit_open,
+                        self.capacity_factor, self.latency_per_token, self.client_budget,
+                        self.client_remaining, self.live_replicas)
+
+
+def exposition_registry(metrics: Metrics) -> CollectorRegistry:
+    """What GET /metrics renders: the app's registry, or, in prometheus_client's
+    multiprocess mode (`serve --workers N`), every worker's values merged from the files
+    in PROMETHEUS_MULTIPROC_DIR, whichever worker the scrape reaches."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        return metrics.registry
+    # The files cannot forget a series (prometheus_client warns on clear()); the gauges
+    # set at scrape are rendered from this process, where clear() works.
+    warnings.filterwarnings("ignore", "Clearing labels has not been implemented",
+                            UserWarning)
+    registry = CollectorRegistry()
+    registry.register(WorkersCollector(metrics, path))
+    return registry
+
+
+class WorkersCollector(Collector):
+    """Every worker's metrics from the multiprocess files, except the gauges set from
+    the store at scrape time (`Metrics.scraped`): this worker's own values of those."""
+
+    def __init__(self, metrics: Metrics, path: str):
+        self.files = multiprocess.MultiProcessCollector(None, path)
+        self.scraped = metrics.scraped
+        self.names = {family.name for gauge in self.scraped for family in gauge.describe()}
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.files.collect():
+            if family.name not in self.names:
+                yield family
+        for gauge in self.scraped:
+            yield from gauge.collect()
 
 
 def markdown() -> str:

@@ -155,12 +155,14 @@ def _too_deep() -> ClientError:
 
 
 def _deeper_than(value: Any, limit: int) -> bool:
-    """Whether objects and arrays nest more than `limit` levels (iterative: no recursion)."""
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = node.values() if isinstance(node, dict) else node
-        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
-    return False
+    """Whether objects and arrays nest more than `limit` levels (iterative: no recursion).
+    Level by level, one list comprehension each: ~4x faster on a 200 KB body than a
+    stack of (node, depth) pairs (BENCHMARKS.md 2 (b)). Parsed JSON holds only exact
+    dicts and lists."""
+    level = [value]
+    for _ in range(limit):
+        level = [c for node in level for c in (node.values() if type(node) is dict else node)
+                 if type(c) is dict or type(c) is list]
+        if not level:
+            return False
+    return True

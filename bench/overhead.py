@@ -9,9 +9,13 @@ added latency (one region with an unlimited quota, so nothing is throttled):
 - passthrough:     bench/passthrough.py, a bare aiohttp proxy (the physical-limit baseline)
 - gateway-memory:  `balancer serve`, in-process capacity store
 - gateway-redis:   `balancer serve`, shared Redis store (a redis-server started here)
+- gateway-redis-2w: the same with `--workers 2`: two processes on one port (SO_REUSEPORT)
+                   sharing the Redis store (BENCHMARKS.md 2 (c): on a 2-core machine
+                   they share the cores with the load generator and the simulator)
 - gateway-redis-quiet: the same at log level WARNING, without the access log (for
                    information: the targets use gateway-redis, as shipped)
-- litellm:         its proxy on the same upstream, only if litellm is installed
+- litellm:         LiteLLM's proxy on the same upstream, with `--peers litellm` only
+                   (bench/peers.py installs it in a virtual environment of its own)
 
 Each path is measured at concurrency 1 (serial latency) and 32 (throughput) with
 `wrk` (closed loop, keep-alive), or with several Python processes when wrk is missing.
@@ -20,16 +24,18 @@ Each path is measured at concurrency 1 (serial latency) and 32 (throughput) with
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from bench import costs as costs_mod
+from bench import peers as peers_mod
 from bench import report
 from bench.harness import API_VERSION, SIM_KEY, workspace
 from bench.procs import PYTHON, Procs
@@ -58,16 +64,6 @@ regions:
     api_version: "{API_VERSION}"
     deployments:
       gpt-4: {{deployment: gpt-4, tpm: 1000000000, rpm: 1000000000}}
-"""
-
-LITELLM_CONFIG = """
-model_list:
-  - model_name: gpt-4
-    litellm_params:
-      model: azure/gpt-4
-      api_base: {sim}/bench
-      api_key: {key}
-      api_version: "{version}"
 """
 
 WRK_SCRIPT = """
@@ -150,9 +146,11 @@ def measure_python(url: str, headers: dict[str, str], concurrency: int, duration
 # --------------------------------------------------------------------------- paths
 
 
-def start_paths(procs: Procs, workdir: Path, log_level: str, include_litellm: bool
+def start_paths(procs: Procs, workdir: Path, log_level: str, peers: list[str],
+                peer_info: dict[str, Any] | None = None
                 ) -> tuple[dict[str, tuple[str, dict[str, str]]], list[str]]:
-    """Start every path; returns name -> (URL to load, headers) and notes."""
+    """Start every path; returns name -> (URL to load, headers) and notes (`peer_info`
+    gets each peer's version and install time)."""
     notes: list[str] = []
     config = workdir / "regions.yaml"
     config.write_text(CONFIG)
@@ -168,30 +166,48 @@ def start_paths(procs: Procs, workdir: Path, log_level: str, include_litellm: bo
     paths["passthrough"] = (pt + CLIENT_PATH, {})
     redis_port = procs.redis()
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    for name, store, level in (("gateway-memory", "memory://", log_level),
-                               ("gateway-redis", redis_url, log_level),
-                               ("gateway-redis-quiet", redis_url, "WARNING")):
+    for name, store, level, workers in (("gateway-memory", "memory://", log_level, 1),
+                                        ("gateway-redis", redis_url, log_level, 1),
+                                        ("gateway-redis-2w", redis_url, log_level, 2),
+                                        ("gateway-redis-quiet", redis_url, "WARNING", 1)):
         env = {"SIM_URL": sim, "STORE_URL": store, "BALANCER_LOG_LEVEL": level}
         url = procs.server(name, [PYTHON, "-m", "balancer.cli", "serve", "--config", str(config),
-                                  "--host", "127.0.0.1", "--port", "{port}"], "/healthz", env)
+                                  "--host", "127.0.0.1", "--port", "{port}",
+                                  "--workers", str(workers)], "/healthz", env)
         paths[name] = (url + CLIENT_PATH, {})
-    litellm = shutil.which("litellm") or str(Path(PYTHON).with_name("litellm"))
-    if not include_litellm:
-        notes.append("litellm: skipped (--no-litellm).")
-    elif importlib.util.find_spec("litellm") is None or not Path(litellm).exists():
-        notes.append("litellm: skipped: not installed (optional peer row; `pip install "
-                     "'litellm[proxy]'` to include it).")
+    if "litellm" not in peers:
+        notes.append("litellm: skipped (add `--peers litellm` for its row: installs "
+                     f"litellm[proxy]=={peers_mod.LITELLM_VERSION} once in bench/.peers/).")
     else:
-        lcfg = workdir / "litellm.yaml"
-        lcfg.write_text(LITELLM_CONFIG.format(sim=sim, key=SIM_KEY, version=API_VERSION))
-        try:
-            url = procs.server("litellm", [litellm, "--config", str(lcfg), "--host", "127.0.0.1",
-                                           "--port", "{port}", "--num_workers", "1"],
-                               "/health/liveliness")
-            paths["litellm"] = (url + CLIENT_PATH, {"Authorization": "Bearer sk-bench"})
-        except RuntimeError as exc:
-            notes.append(f"litellm: skipped: its proxy did not start ({str(exc)[:200]}).")
+        paths.update(start_litellm(procs, workdir, sim, notes,
+                                   {} if peer_info is None else peer_info))
     return paths, notes
+
+
+def start_litellm(procs: Procs, workdir: Path, sim: str, notes: list[str],
+                  info: dict[str, Any]) -> dict[str, tuple[str, dict[str, str]]]:
+    """The litellm path, installed first if needed; none, with a note, when installing or
+    starting it fails."""
+    started = time.monotonic()
+    try:
+        peer = peers_mod.ensure_litellm(workdir / "litellm-install.log")
+    except (RuntimeError, OSError) as exc:
+        notes.append(f"litellm: skipped: could not install it ({exc}); log in "
+                     f"{workdir / 'litellm-install.log'}.")
+        return {}
+    info["litellm"] = {"version": peer.version, "install_seconds": peer.install_seconds}
+    try:
+        url, headers = peers_mod.start_litellm(procs, workdir, sim, peer.binary)
+        check_path("litellm", url + CLIENT_PATH, headers)
+    except (RuntimeError, OSError, ValueError) as exc:
+        notes.append(f"litellm: skipped: its proxy did not start or answer ({str(exc)[:300]}).")
+        return {}
+    info["litellm"]["ready_seconds"] = round(time.monotonic() - started, 1)
+    how = ("reused" if peer.install_seconds is None
+           else f"installed in {peer.install_seconds:.0f} s")
+    notes.append(f"litellm {peer.version} ({how}, bench/.peers/litellm): its proxy, 1 worker, "
+                 "no database, no callbacks, on the same simulator (Azure route).")
+    return {"litellm": (url + CLIENT_PATH, headers)}
 
 
 def check_path(name: str, url: str, headers: dict[str, str]) -> None:
@@ -225,8 +241,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir, progress = workspace("overhead")
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     with Procs(workdir) as procs:
+        peer_info: dict[str, Any] = {}
         paths, path_notes = start_paths(procs, workdir, args.gateway_log_level,
-                                        not args.no_litellm)
+                                        [] if args.no_litellm else args.peers, peer_info)
         notes += path_notes
         for name, (url, headers) in paths.items():
             check_path(name, url, headers)
@@ -251,7 +268,79 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     results.setdefault(name, {}).setdefault(str(c), []).append(
                         once(args.duration))
         progress.done(f"overhead: {steps} measurements done")
-    return summarize(results, concurrencies, loadgen, version, notes, args, workdir)
+        costs = measure_costs(procs, workdir, paths, loadgen, max(concurrencies), args)
+    record = summarize(results, concurrencies, loadgen, version, notes, args, workdir)
+    record["costs"] = costs
+    record["peers"] = compare_peers(record, peer_info)
+    return record
+
+
+def measure_costs(procs: Procs, workdir: Path, paths: dict[str, tuple[str, dict[str, str]]],
+                  loadgen: str, c: int, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Costs per request of gateway-redis on plain TCP and on TLS (bench/costs.py)."""
+    if args.costs_rounds <= 0:
+        return None
+
+    def load(url: str, seconds: float) -> dict[str, Any]:
+        if loadgen == "wrk":
+            return measure_wrk(url, {}, c, seconds, workdir)
+        return measure_python(url, {}, c, seconds, workdir, args.processes)
+
+    sim = paths["direct"][0].removesuffix(UPSTREAM_PATH)
+    return costs_mod.measure(procs, workdir, sim, CONFIG, CLIENT_PATH, load, args.duration,
+                             args.warmup, args.costs_rounds)
+
+
+LITELLM_TARGET = 40.0  # gateway-redis req/s / litellm's at the highest concurrency
+
+
+def compare_peers(record: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    """Per peer: its version, install time, and our gateways' requests per second over its,
+    per concurrency ("gateway vs litellm")."""
+    out: dict[str, Any] = {}
+    for peer, meta in info.items():
+        rows = record["paths"].get(peer)
+        if rows is None:
+            continue
+        ratios = {gw: {c: record["paths"][gw][c]["rps"] / row["rps"] if row["rps"] else None
+                       for c, row in rows.items()}
+                  for gw in ("gateway-memory", "gateway-redis")}
+        out[peer] = {**meta, "ratios": ratios}
+    if "litellm" in out:
+        hi = str(max(record["settings"]["concurrency"]))
+        value = out["litellm"]["ratios"]["gateway-redis"][hi]
+        out["litellm"]["target"] = {
+            "what": f"gateway-redis req/s / litellm req/s at concurrency {hi}",
+            "value": value, "target": LITELLM_TARGET,
+            "met": value is not None and value >= LITELLM_TARGET}
+    return out
+
+
+def render_peers(record: dict[str, Any]) -> list[str]:
+    """The gateways next to each peer: requests per second, latency and the ratio."""
+    out = []
+    cs = [str(c) for c in record["settings"]["concurrency"]]
+    lo, hi = cs[0], cs[-1]
+    for peer, meta in record.get("peers", {}).items():
+        paths = record["paths"]
+        rows = []
+        for name in (peer, "gateway-memory", "gateway-redis"):
+            ratio = ["—" if name == peer else _times(meta["ratios"][name][c]) for c in cs]
+            rows.append([name, *(f"{paths[name][c]['rps']:,.0f}" for c in cs),
+                         _us(paths[name][lo]["p50"]), _us(paths[name][hi]["p50"]),
+                         _us(paths[name][hi]["p99"]), *ratio])
+        t = meta["target"]
+        out.append(f"Gateway vs {peer} {meta['version']} (our req/s / {peer}'s):\n\n" +
+                   report.table(["path", *(f"req/s c={c}" for c in cs), f"p50 c={lo}",
+                                 f"p50 c={hi}", f"p99 c={hi}",
+                                 *(f"vs {peer} c={c}" for c in cs)], rows) +
+                   f"\n\nTarget: {t['what']} ≥ {t['target']:.0f}x: "
+                   f"{_times(t['value'])} ({'met' if t['met'] else 'NOT met'}).")
+    return out
+
+
+def _times(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:,.1f}x"
 
 
 def _median(runs: list[dict[str, Any]], key: str) -> float | None:
@@ -318,6 +407,9 @@ def render(record: dict[str, Any]) -> str:
     lg = record["wrk"] if record["loadgen"] == "wrk" else "Python closed loop"
     out.append(f"Load generator: {lg}; its ceiling (direct, concurrency {max(concurrencies)}): "
                f"{direct:,.0f} req/s. Machine: {record['machine']['cores']} cores.")
+    out += render_peers(record)
+    if record.get("costs"):
+        out.append(costs_mod.render(record["costs"], max(concurrencies)))
     out += record["notes"]
     return "\n\n".join(out)
 
@@ -341,12 +433,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Python load processes when wrk is missing (2)")
     p.add_argument("--gateway-log-level", default="INFO",
                    help="the gateways' log level (INFO, the default, writes access logs)")
-    p.add_argument("--no-litellm", action="store_true", help="skip the optional litellm row")
+    p.add_argument("--peers", type=report.comma_list, default=[],
+                   help="peer gateways to add rows for: litellm (installs litellm[proxy]=="
+                        f"{peers_mod.LITELLM_VERSION} once in bench/.peers/litellm; default: "
+                        "none)")
+    p.add_argument("--no-litellm", action="store_true",
+                   help="skip the litellm row even with --peers litellm")
+    p.add_argument("--costs-rounds", type=int, default=2,
+                   help="interleaved rounds of the costs per request table, gateway-redis on "
+                        "plain TCP and TLS (2; 0 skips it)")
     report.add_output_arguments(p)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = report.parser("overhead", __doc__, add_arguments).parse_args(argv)
+    report.check_known("peers", args.peers, peers_mod.PEERS)
     return report.execute("overhead", "## Overhead", run, render, args, total=False)
 
 

@@ -16,6 +16,14 @@ from tests.procs import PYTHON, ROOT
 
 pytestmark = pytest.mark.slow
 
+
+def peers_installed() -> str | None:
+    """LiteLLM's version in bench/.peers/litellm when it is the pinned one."""
+    from bench import peers
+
+    version = peers.installed_version(peers.PEERS_DIR / "litellm", "litellm")
+    return version if version == peers.LITELLM_VERSION else None
+
 SMALL_REGIONS = """
 regions:
 """ + "".join(f"""
@@ -91,6 +99,7 @@ def test_overhead_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     print(stdout + f"\n({seconds:.1f} s)")
     for path in ("direct", "passthrough", "gateway-memory", "gateway-redis"):
         assert f"| {path} " in stdout
+    assert "`--peers litellm`" in stdout  # the skipped peer says how to include it
     record = json.loads((tmp_path / "overhead-latest.json").read_text())
     assert set(record["targets"]) == {"rps_ratio", "added_serial_p50"}
     for path in record["paths"].values():
@@ -162,3 +171,56 @@ def test_fairness_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         assert run["pool"]["upstream_calls"] > 0
         for client in run["clients"].values():
             assert client["sent"] > 0 and client["errors"] == 0, client["error_samples"]
+
+
+def test_overhead_benchmark_rejects_an_unknown_peer() -> None:
+    out = subprocess.run([PYTHON, "-m", "balancer.cli", "bench", "overhead", "--peers", "nginx"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "unknown peers ['nginx']" in out.stderr
+
+
+def test_peer_litellm_is_reused_at_the_pinned_version(tmp_path: Path) -> None:
+    """An existing bench/.peers/litellm at the pinned version is reused, not reinstalled
+    (no network here: a stand-in venv whose python reports the version)."""
+    from bench import peers
+
+    venv = tmp_path / "litellm"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(f"#!/bin/sh\necho {peers.LITELLM_VERSION}\n")
+    python.chmod(0o755)
+    (venv / "bin" / "litellm").write_text("")
+    installed = peers.ensure_litellm(tmp_path / "install.log", venv)
+    assert installed.install_seconds is None and installed.version == peers.LITELLM_VERSION
+    assert not (tmp_path / "install.log").exists()
+
+
+@pytest.mark.skipif(peers_installed() is None, reason="bench/.peers/litellm is not installed "
+                    "(`balancer bench overhead --peers litellm` installs it)")
+def test_overhead_benchmark_runs_with_the_litellm_peer(tmp_path: Path) -> None:
+    """With LiteLLM already installed: its row and the ratio table, briefly."""
+    stdout, seconds = bench(
+        "overhead", "--duration", "1", "--warmup", "0.5", "--rounds", "1", "--concurrency",
+        "1,4", "--peers", "litellm", "--out-dir", str(tmp_path), timeout=240)
+    print(stdout + f"\n({seconds:.1f} s)")
+    assert "| litellm " in stdout and "Gateway vs litellm" in stdout
+    record = json.loads((tmp_path / "overhead-latest.json").read_text())
+    peer = record["peers"]["litellm"]
+    assert peer["ratios"]["gateway-redis"]["4"] > 0 and "met" in peer["target"]
+
+
+def test_streams_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    """Open streams, --quick (100 streams of ~1 s at 100/s): straight to the simulator,
+    then through one gateway replica; tables and the record, no thresholds."""
+    stdout, seconds = bench("streams", "--quick", "--out-dir", str(tmp_path), timeout=120)
+    print(stdout + f"\n({seconds:.1f} s)")
+    assert "| direct " in stdout and "| gateway " in stdout and "per open stream" in stdout
+    record = json.loads((tmp_path / "streams-latest.json").read_text())
+    assert set(record["runs"]) == {"direct", "gateway"}
+    for run in record["runs"].values():
+        assert run["ok"] == run["streams"] == 100, run["error_samples"]
+        assert run["ttfb"]["p50"] is not None and run["events"] > 0
+        assert run["generator"]["cpu_seconds"] > 0
+    gateway = record["runs"]["gateway"]
+    assert gateway["rss_plateau_mib"] > 0 and "added_ttfb" in gateway
+    assert set(record["targets"]) == {"added_ttfb_p99", "kib_per_stream"}

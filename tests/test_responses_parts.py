@@ -84,3 +84,50 @@ def test_invalid_bodies_name_the_parameter(body: dict[str, object], param: str) 
     with pytest.raises(ClientError) as info:
         bodies.check_response(body)
     assert info.value.status == 400 and info.value.param == param
+
+
+def _chat_stream(usage_nulls: bool) -> list[bytes]:
+    null = {"usage": None} if usage_nulls else {}
+    chunks = [b"data: " + json.dumps({"choices": [{"delta": {"content": f"t{i}"}}], **null}
+                                     ).encode() + b"\n\n" for i in range(3)]
+    chunks.append(b"data: " + json.dumps({"choices": [], "usage": {
+        "prompt_tokens": 5, "completion_tokens": 3}}).encode() + b"\n\n")
+    return [*chunks, b"data: [DONE]\n\n"]
+
+
+@pytest.mark.parametrize("usage_nulls", [False, True])
+@pytest.mark.parametrize("strip", [False, True])
+def test_whole_event_chunks_pass_as_they_are_split_anywhere_the_same(
+        usage_nulls: bool, strip: bool) -> None:
+    """The tap's fast path (a chunk of whole events it keeps as they are) gives the same
+    bytes, usage and end as splitting every event, for any chunking of the stream."""
+    from balancer.sse import UsageTap
+    from balancer.usage import completion_usage
+
+    events = _chat_stream(usage_nulls)
+    stream = b"".join(events)
+    expected = b"".join(e for e in events if not (strip and b'"choices": []' in e))
+    for chunks in (events, [stream], [stream[:i] for i in (7,)] + [stream[7:]],
+                   [events[0] + events[1][:5], events[1][5:] + b"".join(events[2:])]):
+        tap = UsageTap(strip, completion_usage)
+        out = b"".join(tap.feed(c) for c in chunks) + tap.flush()
+        assert out == expected and tap.usage == (5, 3) and tap.done
+
+
+def test_response_tap_reads_the_id_from_a_whole_event_chunk() -> None:
+    tap = ResponseEventTap(False, response_usage)
+    created = event("response.created", response={"id": "resp_9", "usage": None})
+    delta = event("response.output_text.delta", delta="hi")
+    assert tap.feed(created) == created and tap.object_id == "resp_9"
+    assert tap.feed(delta) == delta and not tap.done
+
+
+@pytest.mark.parametrize("depth", [63, 64, 65, 66])
+def test_depth_check_is_exact_at_the_limit(depth: int) -> None:
+    from balancer.validate import MAX_DEPTH, _deeper_than
+
+    value: object = 1
+    for _ in range(depth - 1):
+        value = [value] if depth % 2 else {"k": value}
+    body = {"a": [{"b": 1}, {"c": "x"}], "deep": value}  # `depth` levels in all
+    assert _deeper_than(body, MAX_DEPTH) == (depth > MAX_DEPTH)

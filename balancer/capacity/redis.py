@@ -40,6 +40,7 @@ Connections (plain, TLS, cluster, Sentinel) come from `connection.py`.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import fields
 from functools import cache
@@ -159,7 +160,9 @@ class RedisStore:
         # keys' slot, so the same objects work on both clients.
         self._acquire = client.register_script(_script("acquire"))
         self._region = client.register_script(_script("region"))
-        if not isinstance(client, RedisCluster):
+        # BALANCER_STORE_BATCHING=0 sends each call alone: for the A/B benchmark only.
+        if (not isinstance(client, RedisCluster)
+                and os.environ.get("BALANCER_STORE_BATCHING", "1") != "0"):
             # The hot path (acquire, settle and the other one-region writes) is batched
             # per event-loop turn into one pipeline (balancer.capacity.batching). redis-py
             # refuses EVALSHA in a cluster pipeline, so the cluster sends each call alone.

@@ -9,6 +9,7 @@ import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
@@ -23,14 +24,22 @@ from balancer.gateway.middleware import add_request_id, openai_errors
 from balancer.gateway.proxy import azure_dated_route, azure_route, openai_route
 from balancer.gateway.runtime import RUNTIME, Runtime
 from balancer.gateway.stored import ACTIONS, stored_route
-from balancer.metrics import Metrics
+from balancer.metrics import Metrics, exposition_registry
 from balancer.operations import OPERATIONS
 
 
 def open_store(config: Config, metrics: Metrics) -> CapacityStore:
+    trips: dict[str, Any] = {}  # op -> its counter child: labels() on every call costs
+
+    def round_trip(op: str) -> None:  # a store call (a few ops: the cache stays small)
+        child = trips.get(op)
+        if child is None:
+            child = trips[op] = metrics.store_round_trips.labels(op)
+        child.inc()
+
     return create_store(
         config.store,
-        on_round_trip=lambda op: metrics.store_round_trips.labels(op).inc(),
+        on_round_trip=round_trip,
         on_degraded=lambda flag: metrics.store_degraded.set(1 if flag else 0),
     )
 
@@ -49,7 +58,7 @@ def create_app(config: Config, *, store: CapacityStore | None = None,
                  env=env)
     app = web.Application(middlewares=[openai_errors])
     app[RUNTIME] = rt
-    app[admin.METRICS_RENDER] = make_aiohttp_handler(metrics.registry)
+    app[admin.METRICS_RENDER] = make_aiohttp_handler(exposition_registry(metrics))
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_entra_credentials)
     app.cleanup_ctx.append(_store_lifecycle)
