@@ -19,7 +19,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	touch $(BENCH_STAMP)
 
-## The benchmarks with default settings (about 17 minutes; balance twice: chat, then
+## The benchmarks with default settings (about 18 minutes; balance twice: chat, then
 ## Responses API traffic, naive and redis only; then the PTU spill scenario, then learned
 ## capacity per rate-limit header style, then client budgets and fair share, then ~1,000
 ## open streams on one replica): Markdown tables on stdout,
