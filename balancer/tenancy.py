@@ -25,6 +25,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from balancer.policy import need
+
 DAY = 86400.0
 MIN_ACTIVE = 1.0  # decayed demand (tokens) below which a client counts as gone
 # How far ahead of now a client's virtual time may run in the admission queue, in
@@ -78,13 +80,6 @@ class Share:
 # -- budgets --------------------------------------------------------------------------
 
 
-def refill(level: float, elapsed: float, rate: float, capacity: float) -> float:
-    """As policy.refill."""
-    if elapsed > 0:
-        level = level + elapsed * rate
-    return min(level, capacity)
-
-
 def day_of(now: float) -> float:
     """The UTC day number of a Unix time."""
     return math.floor(now / DAY)
@@ -134,10 +129,6 @@ def month_reset(now: float) -> float:
     else:
         month += 1
     return days_from_civil(year, month) * DAY - now
-
-
-def need(cost: float, capacity: float) -> float:
-    return min(cost, capacity)
 
 
 def refusal(limits: ClientLimits, budget: Budget, cost: float) -> tuple[str, float] | None:

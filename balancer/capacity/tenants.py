@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from balancer import tenancy
+from balancer import policy, tenancy
 from balancer.capacity.base import ClientState
 from balancer.tenancy import Budget, ClientLimits, Share
 
@@ -55,8 +55,8 @@ class ClientBook:
         if b is None:
             b = self.budgets[c.name] = _Budget(c.tokens_capacity, c.requests_capacity, now)
         elapsed = now - b.stamp
-        b.tokens = tenancy.refill(b.tokens, elapsed, c.tokens_rate, c.tokens_capacity)
-        b.requests = tenancy.refill(b.requests, elapsed, c.requests_rate, c.requests_capacity)
+        b.tokens = policy.refill(b.tokens, elapsed, c.tokens_rate, c.tokens_capacity)
+        b.requests = policy.refill(b.requests, elapsed, c.requests_rate, c.requests_capacity)
         b.stamp = now
         day, month = tenancy.day_of(wall), tenancy.month_of(wall)
         if b.day != day:
