@@ -85,9 +85,13 @@ async def test_an_oversized_answer_is_retried_elsewhere(stack: StackFactory) -> 
     s = await stack(gateway_config({"a": 60_000, "b": 60_000},
                                    max_upstream_body_bytes=CAP))
     await s.knobs("a", pad_bytes=OVER)
-    for _ in range(4):
+    # The pick is random (equal weights): send until "a" was tried, bounded; each answer
+    # must still come whole from "b" (a 1-in-2**40 chance of never picking "a").
+    for _ in range(40):
         status, headers, payload = await post(f"{s.url}/v1/chat/completions", CHAT)
         assert status == 200 and headers["x-balancer-region"] == "b", payload
+        if (await calls(s))["a"] >= 1:
+            break
     assert (await calls(s))["a"] >= 1  # it was picked at least once, and failed over
 
 
