@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from balancer import config as config_mod
-from balancer import logs, reload
+from balancer import eventloop, logs, reload
 from balancer.config import Config, ConfigError
 from balancer.gateway import RUNTIME, create_app
 from balancer.protocol import GatewayRunner
@@ -79,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         return run_bench(args.benchmark, args.options)
     logs.setup(args.log_level)
+    try:
+        eventloop.factory()  # a wrong BALANCER_EVENT_LOOP is refused before anything runs
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     if args.command == "check":
         return run_check(args.file, simulate=args.simulate)
     if args.command == "simulate":
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(exc, file=sys.stderr)
             return 1
-        return asyncio.run(_simulate(sim_config, args.host, args.port))
+        return eventloop.run(_simulate(sim_config, args.host, args.port))
     return run_serve(args)
 
 
@@ -148,7 +153,7 @@ def run_serve(args: argparse.Namespace) -> int:
     cfg = replace(cfg, listen=listen, gateway=gateway)
     if args.worker_id is not None:  # one of `--workers N`'s processes
         logs.set_worker(args.worker_id)
-        return asyncio.run(_serve(cfg, simulate=args.simulate, sim_url=args.sim_url,
+        return eventloop.run(_serve(cfg, simulate=args.simulate, sim_url=args.sim_url,
                                   worker=True))
     if args.workers > 1:
         if urlsplit(cfg.store.url).scheme == "memory":
@@ -163,10 +168,10 @@ def run_serve(args: argparse.Namespace) -> int:
             return 2
         from balancer import workers
 
-        return asyncio.run(workers.supervise(
+        return eventloop.run(workers.supervise(
             cfg, args.workers, log_level=args.log_level, simulate=args.simulate,
             time_scale=args.time_scale))
-    return asyncio.run(_serve(cfg, simulate=args.simulate))
+    return eventloop.run(_serve(cfg, simulate=args.simulate))
 
 
 def _workers(text: str) -> int:
@@ -215,9 +220,9 @@ async def _serve(cfg: Config, *, simulate: bool, sim_url: str | None = None,
                        reuse_port=worker or None)
     await site.start()
     # The store URL as redacted_url gives it: a password in it shows as ***.
-    log.info("balancer listening on http://%s:%d (store %s at %s, config %s)",
+    log.info("balancer listening on http://%s:%d (store %s at %s, config %s, loop %s)",
              cfg.listen.host, cfg.listen.port, app[RUNTIME].store.name,
-             cfg.store.redacted_url, cfg.source)
+             cfg.store.redacted_url, cfg.source, eventloop.name())
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
