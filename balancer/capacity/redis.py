@@ -64,35 +64,52 @@ __all__ = ["Client", "RedisStore", "client_text", "connect", "limits_text"]
 DEQUEUE = "redis.call('ZREM', KEYS[1], ARGV[1]); redis.call('HDEL', KEYS[2], ARGV[1])"
 
 
-@cache
-def _script(name: str, *, prelude: bool = True) -> str:
-    lua = resources.files("balancer.capacity") / "lua"
-    parts = ["lib", "tenants", name] if prelude else [name]
-    return "\n".join((lua / f"{part}.lua").read_text(encoding="utf-8") for part in parts)
-
-
 def _num(x: float) -> str:
     # repr is the shortest string that parses back to the same double (Lua's tonumber
     # uses strtod), so the script computes with exactly the caller's values.
     return repr(float(x))
 
 
-# Limits travel to the scripts as `name=value` pairs, one region's separated from the
-# next by ';': a new Limits field reaches lua/lib.lua's `parse_limits` by its name.
+# Limits travel to the scripts as their values in the order of these fields, one
+# region's separated from the next by ';'. The scripts get the same lists as Lua tables
+# (`lua_prelude`), so lua/lib.lua's `parse_limits` gives each value its field's name: a
+# new Limits field reaches Lua by its name with no change to the format. Positions, not
+# `name=value` pairs, because parsing is a large share of an acquire's time in Redis
+# (BENCHMARKS.md 2 (g)).
 LIMIT_FIELDS = tuple(f.name for f in fields(Limits) if f.name != "region")
+CLIENT_FIELDS = tuple(f.name for f in fields(ClientLimits) if f.name != "name")
 
 
 def limits_text(limits: Limits) -> str:
-    return " ".join([f"{name}={_num(getattr(limits, name))}" for name in LIMIT_FIELDS])
-
-
-CLIENT_FIELDS = tuple(f.name for f in fields(ClientLimits) if f.name != "name")
+    return " ".join([_num(getattr(limits, name)) for name in LIMIT_FIELDS])
 
 
 @cache
 def client_text(client: ClientLimits) -> str:
     """A client's limits for lua/tenants.lua's `parse_client` (cached: frozen, and few)."""
-    return " ".join([f"{name}={_num(getattr(client, name))}" for name in CLIENT_FIELDS])
+    return " ".join([_num(getattr(client, name)) for name in CLIENT_FIELDS])
+
+
+def _lua_names(names: tuple[str, ...]) -> str:
+    return "{ " + ", ".join(f"'{n}'" for n in names) + " }"
+
+
+@cache
+def lua_prelude() -> str:
+    """What every script but the heartbeat starts with: the field lists, lib.lua and
+    tenants.lua."""
+    lua = resources.files("balancer.capacity") / "lua"
+    return "\n".join([f"local LIMIT_FIELDS = {_lua_names(LIMIT_FIELDS)}",
+                      f"local CLIENT_FIELDS = {_lua_names(CLIENT_FIELDS)}",
+                      *((lua / f"{part}.lua").read_text(encoding="utf-8")
+                        for part in ("lib", "tenants"))])
+
+
+@cache
+def _script(name: str, *, prelude: bool = True) -> str:
+    text = (resources.files("balancer.capacity") / "lua" / f"{name}.lua").read_text(
+        encoding="utf-8")
+    return lua_prelude() + "\n" + text if prelude else text
 
 
 # How long acquire's record of a reservation lives (seconds, as a Redis EX): long enough

@@ -11,7 +11,6 @@ import asyncio
 import math
 import uuid
 from dataclasses import replace
-from importlib import resources
 
 import pytest
 
@@ -555,11 +554,12 @@ async def test_queue_forgets_expired_and_dequeued_waiters(make_store: Backends) 
 
 async def test_limits_reach_lua_by_field_name(make_redis_store: Backends) -> None:
     """Every Limits field but the region arrives in lib.lua's parse_limits under its own
-    name, with its exact value: a new field needs no change to the argument format."""
-    from balancer.capacity.redis import LIMIT_FIELDS, limits_text
+    name, with its exact value: a new field needs no change to the argument format (the
+    scripts get the field order from the dataclass, redis.lua_prelude)."""
+    from balancer.capacity.redis import LIMIT_FIELDS, limits_text, lua_prelude
 
     client = make_redis_store.client()
-    lib = (resources.files("balancer.capacity") / "lua" / "lib.lua").read_text()
+    lib = lua_prelude()
     names = "{" + ", ".join(f"'{n}'" for n in LIMIT_FIELDS) + "}"
     echo = client.register_script(lib + f"""
 local out = {{}}

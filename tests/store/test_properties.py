@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from importlib import resources
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,7 +17,7 @@ from hypothesis import strategies as st
 from balancer import policy
 from balancer.capacity.base import CapacityStore, Grant, Wait
 from balancer.capacity.memory import MemoryStore
-from balancer.capacity.redis import RedisStore, limits_text
+from balancer.capacity.redis import RedisStore, limits_text, lua_prelude
 from balancer.policy import Limits, Refusal
 
 from .conftest import BACKENDS, SLOW, Backends
@@ -213,7 +212,7 @@ async def test_learning_arithmetic_is_the_same_in_lua(
     windows need refill, and refill differs by each backend's clock)."""
     store = make_redis_store()
     assert isinstance(store, RedisStore)
-    lib = (resources.files("balancer.capacity") / "lua" / "lib.lua").read_text("utf-8")
+    lib = lua_prelude()
     args = [limits_text(lim), *(repr(float(v)) for v in (
         span, sent, low, low_wait, factor, peak, floor, steady, top, end.high,
         end.high_wait, end.low, end.low_wait, target, end.reserved_at))]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import math
 from dataclasses import dataclass
-from importlib import resources
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,7 +14,7 @@ from hypothesis import strategies as st
 from balancer import tenancy
 from balancer.capacity.base import Grant, Queueing, Wait
 from balancer.capacity.memory import MemoryStore
-from balancer.capacity.redis import RedisStore, client_text
+from balancer.capacity.redis import RedisStore, client_text, lua_prelude
 from balancer.tenancy import ClientLimits, Share
 
 from .conftest import SLOW, Backends, lim
@@ -217,8 +216,7 @@ async def test_tenancy_arithmetic_is_the_same_in_lua(
         levels: tuple[float, float, float, float], book: Book, pool: float) -> None:
     store = make_redis_store()
     assert isinstance(store, RedisStore)
-    lua = resources.files("balancer.capacity") / "lua"
-    prelude = "\n".join((lua / f"{n}.lua").read_text("utf-8") for n in ("lib", "tenants"))
+    prelude = lua_prelude()
     args = [client_text(c), *(repr(float(v)) for v in (now, cost, *levels)),
             *(repr(float(v)) for i in range(3)
               for v in (book.weights[i], book.demands[i], book.used[i])), repr(float(pool))]

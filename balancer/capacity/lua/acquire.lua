@@ -126,7 +126,7 @@ if index > 0 then
   b.tokens = b.tokens - cost
   b.requests = b.requests - 1
   b.granted = b.granted + cost
-  save(KEYS[index], b, now, ttl)
+  save_grant(KEYS[index], b, now, ttl)
   if rkey then -- what release.lua gives back if the replica never saw this reply
     local what = string.format('%d', index) .. ' ' .. fmt(cost)
     if client then what = what .. ' ' .. ARGV[6] end

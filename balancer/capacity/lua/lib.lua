@@ -216,18 +216,25 @@ local function clock()
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 
--- Limits travel as one string per call: per region `name=value` pairs (the fields of
--- policy.Limits but `region`) separated by spaces, regions separated by ';'. One
--- argument instead of one per field keeps the client's packing cheap; names rather
--- than positions let a new field arrive without touching this parser.
+-- Limits travel as one string per call: per region the values of policy.Limits' fields
+-- but `region`, in the order of LIMIT_FIELDS (defined before this file by redis.py's
+-- lua_prelude, from the Python dataclass), separated by spaces; regions separated by ';'.
+-- One argument instead of one per field keeps the client's packing cheap; positions
+-- rather than `name=value` pairs make parsing a tonumber per word (an 8-region acquire
+-- spent a quarter of its Redis time parsing names).
+local function parse_fields(text, names)
+  local out, i = {}, 0
+  for value in string.gmatch(text, '%S+') do
+    i = i + 1
+    out[names[i]] = tonumber(value)
+  end
+  return out
+end
+
 local function parse_limits(text)
   local out = {}
   for region in string.gmatch(text, '[^;]+') do
-    local lim = {}
-    for name, value in string.gmatch(region, '([%w_]+)=(%S+)') do
-      lim[name] = tonumber(value)
-    end
-    out[#out + 1] = lim
+    out[#out + 1] = parse_fields(region, LIMIT_FIELDS)
   end
   return out
 end
@@ -280,6 +287,16 @@ local function save(key, b, now, ttl)
     'failures', string.format('%d', b.failures), 'tripped', string.format('%d', b.tripped),
     'factor', fmt(b.factor), 'lat', fmt(b.lat), 'calm', fmt(b.calm_until),
     'granted', fmt(b.granted), 'peak', fmt(b.peak))
+  expire(key, b, now, ttl)
+end
+
+-- What a grant changes (acquire.lua): the levels, the stamp and what the stamp implies
+-- (the factor's recovery, the peak), and the tokens granted. A bucket that exists keeps
+-- the rest as stored (acquire only read it): half the fields to format and write.
+local function save_grant(key, b, now, ttl)
+  if not b.exists then return save(key, b, now, ttl) end
+  redis.call('HSET', key, 'tokens', fmt(b.tokens), 'requests', fmt(b.requests),
+    'ts', fmt(now), 'factor', fmt(b.factor), 'granted', fmt(b.granted), 'peak', fmt(b.peak))
   expire(key, b, now, ttl)
 end
 

@@ -186,7 +186,7 @@ end
 -- Storage (capacity/tenants.py ClientBook).
 
 local function parse_client(text)
-  return parse_limits(text)[1]
+  return parse_fields(text, CLIENT_FIELDS) -- as parse_limits, in CLIENT_FIELDS' order
 end
 
 local function load_budget(key, c, now)
