@@ -14,6 +14,11 @@ added latency (one region with an unlimited quota, so nothing is throttled):
                    they share the cores with the load generator and the simulator)
 - gateway-redis-quiet: the same at log level WARNING, without the access log (for
                    information: the targets use gateway-redis, as shipped)
+- gateway-redis-asyncio: gateway-redis on asyncio's own event loop
+                   (BALANCER_EVENT_LOOP=asyncio): the uvloop lever off, side by side
+- passthrough-uvloop: the pass-through on uvloop, the gateway's default loop (for
+                   information: the targets compare with the plain pass-through, as the
+                   issue defines them; this row shows the like-for-like ratio)
 - litellm:         LiteLLM's proxy on the same upstream, with `--peers litellm` only
                    (bench/peers.py installs it in a virtual environment of its own)
 
@@ -164,13 +169,20 @@ def start_paths(procs: Procs, workdir: Path, log_level: str, peers: list[str],
         PYTHON, "-m", "bench.passthrough", "--port", "{port}", "--upstream", upstream,
         "--header", f"api-key={SIM_KEY}"], "/healthz")
     paths["passthrough"] = (pt + CLIENT_PATH, {})
+    pt_uv = procs.server("passthrough-uvloop", [
+        PYTHON, "-m", "bench.passthrough", "--port", "{port}", "--upstream", upstream,
+        "--header", f"api-key={SIM_KEY}", "--loop", "uvloop"], "/healthz")
+    paths["passthrough-uvloop"] = (pt_uv + CLIENT_PATH, {})
     redis_port = procs.redis()
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    for name, store, level, workers in (("gateway-memory", "memory://", log_level, 1),
-                                        ("gateway-redis", redis_url, log_level, 1),
-                                        ("gateway-redis-2w", redis_url, log_level, 2),
-                                        ("gateway-redis-quiet", redis_url, "WARNING", 1)):
-        env = {"SIM_URL": sim, "STORE_URL": store, "BALANCER_LOG_LEVEL": level}
+    for name, store, level, workers, loop in (
+            ("gateway-memory", "memory://", log_level, 1, "auto"),
+            ("gateway-redis", redis_url, log_level, 1, "auto"),
+            ("gateway-redis-2w", redis_url, log_level, 2, "auto"),
+            ("gateway-redis-quiet", redis_url, "WARNING", 1, "auto"),
+            ("gateway-redis-asyncio", redis_url, log_level, 1, "asyncio")):
+        env = {"SIM_URL": sim, "STORE_URL": store, "BALANCER_LOG_LEVEL": level,
+               "BALANCER_EVENT_LOOP": loop}
         url = procs.server(name, [PYTHON, "-m", "balancer.cli", "serve", "--config", str(config),
                                   "--host", "127.0.0.1", "--port", "{port}",
                                   "--workers", str(workers)], "/healthz", env)
@@ -374,12 +386,19 @@ def summarize(results: dict[str, dict[str, list[dict[str, Any]]]], concurrencies
         "added_serial_p50": {"value": added, "target": 0.001, "met": added <= 0.001,
                              "what": f"gateway-redis p50 - passthrough p50 at concurrency {lo}"},
     }
+    # For information: the same ratio with both on uvloop, and the uvloop lever on/off.
+    info = {}
+    if "passthrough-uvloop" in summary:
+        info["rps_ratio_same_loop"] = gw[hi]["rps"] / summary["passthrough-uvloop"][hi]["rps"]
+    if "gateway-redis-asyncio" in summary:
+        info["uvloop_rps_gain"] = gw[hi]["rps"] / summary["gateway-redis-asyncio"][hi]["rps"]
     return {"kind": "overhead", "machine": report.machine(), "loadgen": loadgen,
             "wrk": version, "settings": {"duration": args.duration, "warmup": args.warmup,
                                          "rounds": args.rounds, "concurrency": concurrencies,
                                          "gateway_log_level": args.gateway_log_level,
                                          "body_bytes": len(BODY)},
-            "paths": summary, "targets": targets, "notes": notes, "logs": str(workdir)}
+            "paths": summary, "targets": targets, "info": info, "notes": notes,
+            "logs": str(workdir)}
 
 
 def render(record: dict[str, Any]) -> str:
@@ -403,6 +422,17 @@ def render(record: dict[str, Any]) -> str:
           "yes" if t["rps_ratio"]["met"] else "NO"],
          [t["added_serial_p50"]["what"], _us(t["added_serial_p50"]["value"], sign=True),
           "≤ +1,000 µs", "yes" if t["added_serial_p50"]["met"] else "NO"]], "lrrl"))
+    info = record.get("info", {})
+    if info:
+        parts = []
+        if "rps_ratio_same_loop" in info:
+            parts.append("gateway-redis / passthrough-uvloop (both on uvloop) "
+                         f"{report.pct(info['rps_ratio_same_loop'], 0)}")
+        if "uvloop_rps_gain" in info:
+            parts.append("gateway-redis (uvloop) / gateway-redis-asyncio "
+                         f"{info['uvloop_rps_gain']:.2f}x")
+        out.append(f"For information, concurrency {max(concurrencies)}: " + "; ".join(parts)
+                   + ".")
     direct = record["paths"]["direct"][str(max(concurrencies))]["rps"]
     lg = record["wrk"] if record["loadgen"] == "wrk" else "Python closed loop"
     out.append(f"Load generator: {lg}; its ceiling (direct, concurrency {max(concurrencies)}): "

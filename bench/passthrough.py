@@ -68,10 +68,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--upstream", required=True, help="the URL every request is sent to")
     p.add_argument("--header", action="append", default=[], help="NAME=VALUE sent upstream")
+    p.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
+                   help="the event loop (asyncio: the issue's baseline; uvloop: the gateway's "
+                        "default loop, for a like-for-like row)")
     args = p.parse_args(argv)
     headers = dict(h.split("=", 1) for h in args.header)
+    loop = None
+    if args.loop == "uvloop":
+        import uvloop
+
+        loop = uvloop.new_event_loop()
     web.run_app(create_app(args.upstream, headers), host=args.host, port=args.port,
-                access_log=None, print=None)
+                access_log=None, print=None, loop=loop)
     return 0
 
 

@@ -58,6 +58,9 @@ from bench.soak import rss_kb
 MODEL = "gpt-4"
 COMPLETION_MEAN = 0.75  # the simulator's answers use 50-100% of max_tokens
 TTFB_P99_TARGET = 0.020  # seconds added by the gateway at ~1,000 open streams
+# The paths a run can load: the simulator itself, or a gateway on the event loop named
+# (BALANCER_EVENT_LOOP): "auto" is the default, uvloop; "asyncio" turns that lever off.
+PATHS = {"direct": "", "gateway": "auto", "gateway-asyncio": "asyncio"}
 LAG_METRIC = "balancer_event_loop_lag_seconds"
 IN_FLIGHT_METRIC = "balancer_in_flight_requests"
 
@@ -326,7 +329,7 @@ def pctiles(values: list[float]) -> dict[str, float | None]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    report.check_known("--paths", args.paths, ["direct", "gateway"])
+    report.check_known("--paths", args.paths, list(PATHS))
     raise_fd_limit()
     per_token = args.stream_seconds * 1000 / (COMPLETION_MEAN * args.max_tokens)
     workdir, progress = workspace("streams")
@@ -341,13 +344,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             config, 1.0, args.seed, "--latency-base-ms", "0", "--latency-per-token-ms",
             f"{per_token:.3f}"), "/_sim/stats", env)
         procs.ready(sim)
-        gateway = procs.launch("gateway", serve_cmd(config), "/healthz",
-                               {**env, "SIM_URL": sim.url})
-        procs.ready(gateway)
         targets = {"direct": (sim.url + UPSTREAM_PATH, {"api-key": SIM_KEY}, sim.proc.pid,
-                              None),
-                   "gateway": (gateway.url + CLIENT_PATH, {}, gateway.proc.pid,
-                               gateway.url + "/metrics")}
+                              None)}
+        for name in args.paths:
+            if name == "direct":
+                continue
+            gateway = procs.launch(name, serve_cmd(config), "/healthz", {
+                **env, "SIM_URL": sim.url, "BALANCER_EVENT_LOOP": PATHS[name]})
+            procs.ready(gateway)
+            targets[name] = (gateway.url + CLIENT_PATH, {}, gateway.proc.pid,
+                             gateway.url + "/metrics")
         for name in args.paths:
             url, headers, pid, metrics = targets[name]
             runs[name] = load(procs, name, url, headers, pid, metrics, args, progress)
@@ -360,11 +366,14 @@ def summarize(runs: dict[str, dict[str, Any]], args: argparse.Namespace, per_tok
               workdir: Path) -> dict[str, Any]:
     targets: dict[str, Any] = {}
     notes = []
+    for name in runs:
+        if name != "direct" and "direct" in runs:
+            d, g = runs["direct"]["ttfb"], runs[name]["ttfb"]
+            runs[name]["added_ttfb"] = {
+                q: (g[q] - d[q]) if g[q] is not None and d[q] is not None else None
+                for q in ("p50", "p90", "p99")}
     if "direct" in runs and "gateway" in runs:
-        d, g = runs["direct"]["ttfb"], runs["gateway"]["ttfb"]
-        added = {q: (g[q] - d[q]) if g[q] is not None and d[q] is not None else None
-                 for q in ("p50", "p90", "p99")}
-        runs["gateway"]["added_ttfb"] = added
+        added = runs["gateway"]["added_ttfb"]
         targets["added_ttfb_p99"] = {
             "what": "gateway TTFB p99 - direct TTFB p99", "value": added["p99"],
             "target": TTFB_P99_TARGET,
@@ -407,23 +416,27 @@ def render(record: dict[str, Any]) -> str:
     out.append("Time to first byte (from sending to the first line of the body):\n\n" +
                report.table(["path", "ok", "open (peak)", "TTFB p50", "p90", "p99", "max",
                              "p99 at plateau", "added p50", "added p99", "stream p50"], rows))
-    if "gateway" in runs:
-        g = runs["gateway"]
+    rows = []
+    for name, g in runs.items():
+        if name == "direct":
+            continue
         lag = g["lag_plateau"]
         kib = g["kib_per_stream"]
-        out.append("The gateway process with the streams open (plateau: ≥ 90% of the peak, "
-                   f"{g['plateau_seconds']:g} s):\n\n" + report.table(
-                       ["open streams", "events/s", "RSS idle", "RSS plateau", "RSS peak",
-                        "per open stream", "loop lag idle", "loop lag p50 / max (plateau)",
-                        "CPU (run)", "CPU per event"],
-                       [[f"{g['open_plateau']:,.0f}", f"{g['events_per_second_plateau']:,.0f}",
-                         _mib(g["rss_idle_mib"]),
-                         _mib(g["rss_plateau_mib"]), _mib(g["rss_peak_mib"]),
-                         "n/a" if kib is None else f"{kib:,.0f} KiB",
-                         _ms(g["lag_idle"]), f"{_ms(lag['p50'])} / {_ms(lag['max'])}",
-                         f"{g['server_cpu_seconds']:.1f} s",
-                         "n/a" if g["cpu_us_per_event"] is None
-                         else f"{g['cpu_us_per_event']:,.0f} µs"]]))
+        rows.append([name, f"{g['plateau_seconds']:g} s",
+                     f"{g['open_plateau']:,.0f}", f"{g['events_per_second_plateau']:,.0f}",
+                     _mib(g["rss_idle_mib"]), _mib(g["rss_plateau_mib"]),
+                     _mib(g["rss_peak_mib"]), "n/a" if kib is None else f"{kib:,.0f} KiB",
+                     _ms(g["lag_idle"]), f"{_ms(lag['p50'])} / {_ms(lag['max'])}",
+                     f"{g['server_cpu_seconds']:.1f} s",
+                     "n/a" if g["cpu_us_per_event"] is None
+                     else f"{g['cpu_us_per_event']:,.0f} µs"])
+    if rows:
+        out.append("The gateway process with the streams open (plateau: ≥ 90% of the peak; "
+                   "gateway-asyncio: the same gateway on asyncio's own loop, the uvloop lever "
+                   "off):\n\n" + report.table(
+                       ["path", "plateau", "open streams", "events/s", "RSS idle",
+                        "RSS plateau", "RSS peak", "per open stream", "loop lag idle",
+                        "loop lag p50 / max (plateau)", "CPU (run)", "CPU per event"], rows))
     rows = [[name, str(r["generator"]["processes"]), f"{r['generator']['cpu_seconds']:.1f} s",
              f"{r['generator']['cores']:.2f}", report.pct(r["generator"]["max_process_core"], 0),
              _ms(r["generator"]["late_p50"], 1), _ms(r["generator"]["late_p99"], 1),
@@ -459,8 +472,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="each stream's max_tokens: ~4 tokens an event (100)")
     p.add_argument("--prompt-tokens", type=int, default=50)
     p.add_argument("--processes", type=int, default=4, help="load-generator processes (4)")
-    p.add_argument("--paths", type=report.comma_list, default=["direct", "gateway"],
-                   help="direct,gateway (both, in this order)")
+    p.add_argument("--paths", type=report.comma_list, default=list(PATHS),
+                   help="any of direct,gateway,gateway-asyncio (all three, in this order; "
+                        "gateway-asyncio is the gateway on asyncio's own loop)")
     p.add_argument("--gateway-log-level", default="INFO",
                    help="the gateway's log level (INFO, as shipped, writes access logs)")
     p.add_argument("--sample-interval", type=float, default=0.25,

@@ -97,11 +97,14 @@ def test_overhead_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         "overhead", "--duration", "1", "--warmup", "0", "--rounds", "1",
         "--concurrency", "1,4", "--no-litellm", "--out-dir", str(tmp_path), timeout=120)
     print(stdout + f"\n({seconds:.1f} s)")
-    for path in ("direct", "passthrough", "gateway-memory", "gateway-redis"):
+    for path in ("direct", "passthrough", "passthrough-uvloop", "gateway-memory",
+                 "gateway-redis", "gateway-redis-asyncio"):
         assert f"| {path} " in stdout
     assert "`--peers litellm`" in stdout  # the skipped peer says how to include it
     record = json.loads((tmp_path / "overhead-latest.json").read_text())
     assert set(record["targets"]) == {"rps_ratio", "added_serial_p50"}
+    assert set(record["info"]) == {"rps_ratio_same_loop", "uvloop_rps_gain"}
+    assert "(both on uvloop)" in stdout
     for path in record["paths"].values():
         for row in path.values():
             assert row["requests"] > 0 and row["errors"] == 0
@@ -211,12 +214,14 @@ def test_overhead_benchmark_runs_with_the_litellm_peer(tmp_path: Path) -> None:
 
 def test_streams_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     """Open streams, --quick (100 streams of ~1 s at 100/s): straight to the simulator,
-    then through one gateway replica; tables and the record, no thresholds."""
+    then through one gateway replica on uvloop and one on asyncio's loop; tables and the
+    record, no thresholds."""
     stdout, seconds = bench("streams", "--quick", "--out-dir", str(tmp_path), timeout=120)
     print(stdout + f"\n({seconds:.1f} s)")
     assert "| direct " in stdout and "| gateway " in stdout and "per open stream" in stdout
     record = json.loads((tmp_path / "streams-latest.json").read_text())
-    assert set(record["runs"]) == {"direct", "gateway"}
+    assert set(record["runs"]) == {"direct", "gateway", "gateway-asyncio"}
+    assert "| gateway-asyncio " in stdout
     for run in record["runs"].values():
         assert run["ok"] == run["streams"] == 100, run["error_samples"]
         assert run["ttfb"]["p50"] is not None and run["events"] > 0
