@@ -1,9 +1,10 @@
 """The event loop the gateway and the simulator run on.
 
 uvloop (libuv, in C) when it is installed, which it is on Linux and macOS: the gateway
-is CPU-bound per request and per stream event, and uvloop took 14-25% off its CPU per
-request and per relayed event side by side (BENCHMARKS.md 2 (g)). Windows, where uvloop
-does not exist, and `BALANCER_EVENT_LOOP=asyncio` get the standard loop.
+is CPU-bound per request and per stream event; side by side, uvloop served 16% more
+requests a second and spent 7-16% less CPU per relayed event (BENCHMARKS.md 2 (g)).
+Windows, where uvloop does not exist, and `BALANCER_EVENT_LOOP=asyncio` get the
+standard loop.
 """
 
 from __future__ import annotations
