@@ -284,6 +284,13 @@ class MemoryStore:
             out.append(state_of(eff, self._level(b, now), b.failures, b.tripped, b.factor))
         return out
 
+    def carry_usage(self, model: str, client: ClientLimits, day_used: float,
+                    month_used: float, wall: float) -> None:
+        """The client's quotas used so far today and this month, as counted elsewhere at
+        `wall` (ResilientStore: the shared store's count when it became unreachable)."""
+        self._clients.setdefault(model, ClientBook()).carry(
+            client, day_used, month_used, self._clock(), wall)
+
     async def clients(self, model: str, clients: Sequence[ClientLimits]) -> list[ClientState]:
         book = self._clients.setdefault(model, ClientBook())
         now, wall = self._clock(), self._wall()

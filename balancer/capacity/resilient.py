@@ -127,6 +127,11 @@ class ResilientStore:
         # Shared acquires that never answered: (model, candidates, reservation id, client)
         self._orphans: deque[tuple[str, tuple[Limits, ...], str, ClientLimits | None]] = deque()
         self._reservations = (f"{self.replica_id}.{n}" for n in itertools.count())
+        # Each client's day and month usage as the shared store last reported it, with the
+        # wall time it did: degraded, the local quotas start from it (`_local_client`),
+        # once per outage, not from zero. Keyed by config names, so bounded by the config.
+        self._usage: dict[tuple[str, str], tuple[float, float, float]] = {}
+        self._carried: set[tuple[str, str]] = set()
         self.released = 0  # orphaned reservations released (tests, logs)
 
     @property
@@ -201,6 +206,7 @@ class ResilientStore:
 
     def _recover(self) -> None:
         self._degraded = False
+        self._carried.clear()  # the next outage starts from the shared counts again
         log.info("capacity store %s answers again; back to shared mode", self.name)
         self._notify(False)
 
@@ -347,8 +353,12 @@ class ResilientStore:
         answers (`_release_orphans`), instead of waiting for refill."""
         reservation = next(self._reservations)
         try:
-            return await self.shared.acquire(model, candidates, cost, r, exclude, queue,
-                                             client, demand, reservation=reservation)
+            result = await self.shared.acquire(model, candidates, cost, r, exclude, queue,
+                                               client, demand, reservation=reservation)
+            if isinstance(result, Grant) and client is not None and result.budget is not None:
+                self._seen(model, client.name, result.budget.day_used,
+                           result.budget.month_used)
+            return result
         except BaseException:
             usable = tuple(c for c in candidates if c.region not in exclude)
             if len(self._orphans) >= MAX_ORPHANS:
@@ -363,7 +373,7 @@ class ResilientStore:
         shares = [self._share(c) for c in candidates]
         # Degraded, this replica queues its own waiters only: the others cannot be seen.
         result = await self.local.acquire(model, shares, cost, r, exclude, queue,
-                                          client_share(client, self._replicas), demand)
+                                          self._local_client(model, client), demand)
         if isinstance(result, Wait):
             return result
         # Hand back the caller's own Limits; settle scales them again.
@@ -374,7 +384,7 @@ class ResilientStore:
                      ) -> None:
         local = lambda: self.local.settle(  # noqa: E731
             replace(grant, limits=self._share(grant.limits),
-                    client=client_share(grant.client, self._replicas)),
+                    client=self._local_client(grant.model, grant.client)),
             actual_tokens, latency)
         if grant.source != "shared":  # issued by the local buckets: settled there
             return await local()
@@ -419,10 +429,35 @@ class ResilientStore:
             lambda: self.local.snapshot(model, [self._share(c) for c in candidates]))
 
     async def clients(self, model: str, clients: Sequence[ClientLimits]) -> list[ClientState]:
+        async def shared() -> list[ClientState]:
+            states = await self.shared.clients(model, clients)
+            for state in states:
+                self._seen(model, state.name, state.budget.day_used, state.budget.month_used)
+            return states
+
         return await self._either(
-            "clients", lambda: self.shared.clients(model, clients),
-            lambda: self.local.clients(model, [client_share(c, self._replicas) or c
+            "clients", shared,
+            lambda: self.local.clients(model, [self._local_client(model, c) or c
                                                for c in clients]))
+
+    def _seen(self, model: str, client: str, day_used: float, month_used: float) -> None:
+        self._usage[(model, client)] = (day_used, month_used, time.time())
+
+    def _local_client(self, model: str, client: ClientLimits | None) -> ClientLimits | None:
+        """This replica's part of the client's limits; on its first local use in an
+        outage, its local day and month quotas start from the shared counts last seen,
+        divided as the limits are (so the part left is the whole's share)."""
+        local = client_share(client, self._replicas)
+        if client is None or local is None:
+            return local
+        key = (model, client.name)
+        seen = self._usage.get(key)
+        if seen is not None and key not in self._carried:
+            self._carried.add(key)
+            day_used, month_used, wall = seen
+            n = max(1, self._replicas)
+            self.local.carry_usage(model, local, day_used / n, month_used / n, wall)
+        return local
 
     async def pin(self, response_id: str, pin: Pin, ttl_seconds: float) -> None:
         await self._either("pin", lambda: self.shared.pin(response_id, pin, ttl_seconds),

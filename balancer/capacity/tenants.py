@@ -65,6 +65,15 @@ class ClientBook:
             b.month, b.month_used = month, 0.0
         return b
 
+    def carry(self, c: ClientLimits, day_used: float, month_used: float, now: float,
+              wall: float) -> None:
+        """Start the client's day and month quotas from usage counted elsewhere at `wall`
+        (the shared store's, before it became unreachable) instead of from zero. Never
+        lowers a count this book already has for the same day or month; a later day or
+        month rolls them over as usual."""
+        b = self.budget(c, now, wall)
+        b.day_used, b.month_used = max(b.day_used, day_used), max(b.month_used, month_used)
+
     def shares(self, now: float, window: float) -> list[Share]:
         """Every client's fair-share sums decayed to `now` (in insertion order, which
         both backends' water-filling does not depend on: it sums in index order, so the

@@ -17,6 +17,7 @@ from balancer.capacity.memory import MemoryStore
 from balancer.capacity.redis import RedisStore
 from balancer.capacity.resilient import ResilientStore, share
 from balancer.config import StoreConfig
+from balancer.tenancy import ClientLimits
 
 from .conftest import RedisServer, free_port, lim, need_redis_binary
 
@@ -136,6 +137,31 @@ async def test_redis_down_serves_this_replicas_share(
     assert len(warnings) == 1
     assert "degraded" in warnings[0].getMessage()
     assert PASSWORD not in caplog.text
+
+
+async def test_degraded_quotas_start_from_the_shared_counts(
+    store: ResilientStore, server: RedisServer
+) -> None:
+    """A client's day quota does not start again from zero when Redis goes away: the
+    local part starts from what the shared store last counted (this replica's part of
+    it), so an outage cannot hand a client a second day's worth of tokens."""
+    await store.shared.heartbeat("another-replica", 30)
+    await store.start()
+    assert store.replicas == 2
+    quota = ClientLimits("batch", 1.0, tokens_per_day=2000.0, tokens_per_month=100_000.0)
+    region = lim("a", 10**6)
+    for _ in range(3):
+        grant = await store.acquire(M, [region], 400, 0.5, client=quota)
+        assert isinstance(grant, Grant) and grant.source == "shared"
+    assert grant.budget is not None and grant.budget.day_used == 1200
+    server.stop()
+    # This replica's part: 1,000 a day, 600 of it used (half the shared 1,200).
+    first = await store.acquire(M, [region], 300, 0.5, client=quota)
+    assert isinstance(first, Grant) and first.source == "local", first
+    refused = await store.acquire(M, [region], 200, 0.5, client=quota)
+    assert isinstance(refused, Wait) and refused.reason == "day", refused
+    [state] = await store.clients(M, [quota])
+    assert (state.budget.day_used, state.budget.month_used) == (900, 900)
 
 
 async def test_returns_to_shared_mode_by_itself(

@@ -15,6 +15,7 @@ from balancer import tenancy
 from balancer.capacity.base import Grant, Queueing, Wait
 from balancer.capacity.memory import MemoryStore
 from balancer.capacity.redis import RedisStore, client_text, lua_prelude
+from balancer.capacity.tenants import ClientBook
 from balancer.tenancy import ClientLimits, Share
 
 from .conftest import SLOW, Backends, lim
@@ -297,3 +298,19 @@ async def test_memory_store_quotas_follow_the_wall_clock() -> None:
     assert isinstance(await store.acquire(M, [lim("a", 10_000)], 900, 0.5, client=daily), Wait)
     wall[0] += 2  # past midnight: a new day
     assert isinstance(await store.acquire(M, [lim("a", 10_000)], 900, 0.5, client=daily), Grant)
+
+
+def test_carried_usage_counts_for_its_day_and_month_only() -> None:
+    """ClientBook.carry (degraded mode's start from the shared counts): the carried
+    usage counts for the day and month it was seen in, never lowers a count, and rolls
+    over with the calendar."""
+    book = ClientBook()
+    c = ClientLimits("c", 1.0, tokens_per_day=1000.0, tokens_per_month=5000.0)
+    noon = 1_800_000_000 - 1_800_000_000 % 86_400 + 43_200  # 2027-01-15 12:00 UTC
+    book.carry(c, 600.0, 2000.0, 0.0, noon)
+    assert book.state(c, 1.0, noon + 60).budget.day_used == 600
+    book.carry(c, 100.0, 100.0, 2.0, noon + 120)  # an older count lowers nothing
+    state = book.state(c, 3.0, noon + 180).budget
+    assert (state.day_used, state.month_used) == (600, 2000)
+    tomorrow = book.state(c, 4.0, noon + 86_400).budget
+    assert (tomorrow.day_used, tomorrow.month_used) == (0, 2000)
