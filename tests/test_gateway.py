@@ -121,7 +121,7 @@ async def test_429_cools_region_down_and_retries_elsewhere(stack: StackFactory) 
                               headers={"api-key": "sim-key-a"})
     assert status == 200
     regions = []
-    for _ in range(12):  # until a is picked (1 in 2 each time) and refuses
+    for _ in range(40):  # until a is picked (1 in 2 each time) and refuses
         status, headers, body = await post(f"{s.url}/v1/chat/completions", CHAT)
         assert status == 200, body
         regions.append(headers["x-balancer-region"])
