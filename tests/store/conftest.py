@@ -76,6 +76,20 @@ def lim(
 # --------------------------------------------------------------------------- servers
 
 
+class PipelineCounter:
+    """Counts the pipelines a redis-py client opens: the store's batching sends the
+    script calls of one event-loop turn as one pipeline (capacity/batching.py)."""
+
+    def __init__(self, client: Any):
+        self.count = 0
+        self._pipeline = client.pipeline
+        client.pipeline = self._counted
+
+    def _counted(self, *args: Any, **kw: Any) -> Any:
+        self.count += 1
+        return self._pipeline(*args, **kw)
+
+
 def free_port() -> int:
     """A free port whose cluster bus port (+10000) is free too."""
     while True:

@@ -28,6 +28,7 @@ from balancer.capacity.resilient import ResilientStore
 from balancer.config import StoreConfig
 
 from .conftest import (
+    PipelineCounter,
     RedisServer,
     SentinelSet,
     TLSFiles,
@@ -69,15 +70,7 @@ async def test_store_behind_sentinel(sentinels: SentinelSet) -> None:
     SentinelConnectionPool, so the store keeps its scripts and its batched pipeline."""
     store = RedisStore.from_config(config(sentinels.url))
     pool = store.client.connection_pool
-    pipelines = 0
-    pipeline = store.client.pipeline
-
-    def counted(*args: Any, **kw: Any) -> Any:
-        nonlocal pipelines
-        pipelines += 1
-        return pipeline(*args, **kw)
-
-    store.client.pipeline = counted  # type: ignore[method-assign]
+    pipelines = PipelineCounter(store.client)
     try:
         assert store.name == "redis-sentinel"
         assert isinstance(pool, SentinelConnectionPool) and pool.is_master
@@ -90,7 +83,7 @@ async def test_store_behind_sentinel(sentinels: SentinelSet) -> None:
         assert states[grant.region].tokens == pytest.approx(90, abs=1e-3)
         replies = await asyncio.gather(*[store.acquire(M, regions, 1, i / 20) for i in range(20)])
         assert all(isinstance(r, Grant) for r in replies)
-        assert 1 <= pipelines < 20  # EVALSHA in one pipeline per turn, on the sentinel pool
+        assert 1 <= pipelines.count < 20  # EVALSHA in one pipeline per turn, on the sentinel pool
         assert await store.heartbeat("r1", 5) == 1
         await store.pin("resp_s", Pin(M, "b", 3), 60)
         assert await store.pinned("resp_s") == Pin(M, "b", 3)

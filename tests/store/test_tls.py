@@ -26,7 +26,15 @@ from balancer.capacity.redis import RedisStore, connect
 from balancer.capacity.resilient import STARTUP_SECONDS, ResilientStore
 from balancer.config import StoreConfig
 
-from .conftest import RedisServer, TLSFiles, free_port, lim, make_tls_files, need_redis_binary
+from .conftest import (
+    PipelineCounter,
+    RedisServer,
+    TLSFiles,
+    free_port,
+    lim,
+    make_tls_files,
+    need_redis_binary,
+)
 
 pytestmark = pytest.mark.redis
 
@@ -89,22 +97,14 @@ async def test_tls_takes_the_same_fast_path(tls_server: RedisServer, tls: TLSFil
     """TLS is redis-py's SSLConnection under the same client: hiredis parses the replies,
     and calls made in one event-loop turn go out as one pipeline (batching.py)."""
     store = RedisStore.from_config(store_config(tls_server, ca_file=tls.ca))
-    pipelines = 0
-    pipeline = store.client.pipeline
-
-    def counted(*args: Any, **kw: Any) -> Any:
-        nonlocal pipelines
-        pipelines += 1
-        return pipeline(*args, **kw)
-
-    store.client.pipeline = counted  # type: ignore[method-assign]
+    pipelines = PipelineCounter(store.client)
     try:
         assert isinstance(store._acquire, BatchedScript)
         assert store.client.connection_pool.connection_class is SSLConnection
         replies = await asyncio.gather(*[store.acquire(M, [lim("a"), lim("b")], 1, i / 20)
                                          for i in range(20)])
         assert all(isinstance(r, Grant) for r in replies)
-        assert 1 <= pipelines < 20  # batched, not one trip each
+        assert 1 <= pipelines.count < 20  # batched, not one trip each
         conn = await store.client.connection_pool.get_connection()
         try:
             assert isinstance(conn, SSLConnection)
