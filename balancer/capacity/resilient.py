@@ -74,7 +74,7 @@ def share(limits: Limits, replicas: int) -> Limits:
 @lru_cache(maxsize=4096)
 def client_share(client: ClientLimits | None, replicas: int) -> ClientLimits | None:
     """This replica's part of a client's budget when the replicas cannot coordinate (its
-    quotas too: the local day starts at nothing used)."""
+    quotas too; the local counts start from the shared ones: `_local_client`)."""
     if client is None or replicas <= 1:
         return client
     return replace(
